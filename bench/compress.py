@@ -1,0 +1,286 @@
+"""Rate–distortion benchmark: every codec on the same tissue tiles, in one run.
+
+    .venv/bin/python bench/compress.py            # writes bench/results/compress.json and compress.png
+
+For each codec and quality setting: mean bits per pixel, SSIM (design §8:
+pytorch_msssim, 11-px Gaussian window, data_range 255) and PSNR over the tiles.
+Then per codec: bpp at SSIM 0.95 and 0.97 (log-bpp interpolated along the curve),
+the saving against JPEG (the better of 4:2:0 and 4:4:4 at that SSIM), BD-rate
+against JPEG 4:4:4 (Bjøntegaard, cubic fit of log-rate over PSNR), and the median
+single-thread decode time per tile at the setting nearest SSIM 0.95.  Results are
+reported for all tiles and per group (``slides`` / ``patches``); for neural models,
+also split into files the model trained on and files it held out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _tiles import EvalTile, load_tiles
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+SWEEPS: dict[str, tuple[str, dict[str, Any], list[Any]]] = {
+    # label: (codec name, fixed params, values of the swept param "quality"/"distance")
+    "jpeg-420": ("jpeg", {"subsampling": "420"}, [30, 50, 65, 75, 85, 90, 95, 98]),
+    "jpeg-444": ("jpeg", {"subsampling": "444"}, [30, 50, 65, 75, 85, 90, 95]),
+    "jpegxl-e7": ("jpegxl", {"effort": 7}, [40, 55, 70, 80, 88, 94, 97]),
+    "jpeg2000": ("jpeg2000", {}, [28, 31, 34, 37, 40, 44]),
+    "webp": ("webp", {}, [30, 50, 70, 80, 90, 95, 98]),
+    "avif": ("avif", {"speed": 6}, [30, 45, 60, 70, 80, 90]),
+}
+TARGETS = (0.95, 0.97)
+
+
+def ssim_batch(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Per-tile SSIM as design §8 defines it."""
+    import torch
+    from pytorch_msssim import ssim
+
+    x = torch.from_numpy(a).permute(0, 3, 1, 2).double()
+    y = torch.from_numpy(b).permute(0, 3, 1, 2).double()
+    return np.asarray(ssim(x, y, data_range=255, size_average=False).numpy())
+
+
+def psnr_batch(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    mse = ((a.astype(np.float64) - b.astype(np.float64)) ** 2).reshape(len(a), -1).mean(axis=1)
+    return np.asarray(10 * np.log10(255.0**2 / np.maximum(mse, 1e-10)))
+
+
+def interp_bpp(points: list[dict[str, Any]], target: float, key: str = "ssim") -> float | None:
+    """bpp at ``target`` quality, interpolating log-bpp linearly between sweep points."""
+    pts = sorted((p[key], np.log(p["bpp"])) for p in points)
+    xs = [p[0] for p in pts]
+    if not pts or target < xs[0] or target > xs[-1]:
+        return None
+    return float(np.exp(np.interp(target, xs, [p[1] for p in pts])))
+
+
+def bd_rate(ref: list[dict[str, Any]], test: list[dict[str, Any]], key: str = "psnr") -> float | None:
+    """Bjøntegaard delta rate (%) of ``test`` against ``ref`` over their overlapping quality range."""
+    if len(ref) < 4 or len(test) < 4:
+        return None
+    r = sorted((p[key], np.log(p["bpp"])) for p in ref)
+    t = sorted((p[key], np.log(p["bpp"])) for p in test)
+    lo, hi = max(r[0][0], t[0][0]), min(r[-1][0], t[-1][0])
+    if hi <= lo:
+        return None
+    pr = np.polyfit([p[0] for p in r], [p[1] for p in r], 3)
+    pt = np.polyfit([p[0] for p in t], [p[1] for p in t], 3)
+    ir, it = np.polyint(pr), np.polyint(pt)
+    avg = ((np.polyval(it, hi) - np.polyval(it, lo)) - (np.polyval(ir, hi) - np.polyval(ir, lo))) / (hi - lo)
+    return float((np.exp(avg) - 1) * 100)
+
+
+def neural_qualities() -> list[int]:
+    from tileserver import codecs
+
+    if "neural" not in codecs.available():
+        return []
+    qs = []
+    for q in range(1, 17):
+        try:
+            codecs.get("neural", quality=q)
+        except ValueError:
+            continue
+        qs.append(q)
+    return qs
+
+
+def held_out_sources() -> set[str]:
+    """File names the neural models never trained on (from their configs), if listed."""
+    cfg_dir = Path(__file__).resolve().parents[1] / "tileserver" / "codecs" / "configs"
+    names: set[str] = set()
+    for cfg in sorted(cfg_dir.glob("*.toml")) if cfg_dir.is_dir() else []:
+        import tomllib
+
+        data = tomllib.loads(cfg.read_text())
+        for key in ("eval_files", "holdout", "held_out", "eval"):
+            val = data.get("data", {}).get(key, data.get(key))
+            if isinstance(val, list):
+                names.update(Path(str(v)).name for v in val)
+    return names
+
+
+def run_codec(label: str, codec: Any, tiles: np.ndarray) -> dict[str, Any]:
+    blobs = [codec.encode(t) for t in tiles]
+    batch = getattr(codec, "decode_batch", None)
+    t0 = time.perf_counter()
+    if label.startswith("neural") and batch is not None:
+        decoded = []
+        for i in range(0, len(blobs), 8):
+            decoded.extend(batch(blobs[i : i + 8]))
+    else:
+        decoded = [codec.decode(b) for b in blobs]
+    dt = (time.perf_counter() - t0) / len(blobs)
+    out = np.stack([np.asarray(d) for d in decoded])
+    bits = np.array([len(b) * 8 for b in blobs], dtype=np.float64)
+    npx = tiles.shape[1] * tiles.shape[2]
+    return {
+        "bpp_per_tile": (bits / npx).tolist(),
+        "ssim_per_tile": ssim_batch(tiles, out).tolist(),
+        "psnr_per_tile": psnr_batch(tiles, out).tolist(),
+        "decode_ms": dt * 1000,
+    }
+
+
+def summarise(points: list[dict[str, Any]], mask: np.ndarray) -> list[dict[str, Any]]:
+    out = []
+    for p in points:
+        out.append(
+            {
+                "param": p["param"],
+                "bpp": float(np.mean(np.asarray(p["bpp_per_tile"])[mask])),
+                "ssim": float(np.mean(np.asarray(p["ssim_per_tile"])[mask])),
+                "psnr": float(np.mean(np.asarray(p["psnr_per_tile"])[mask])),
+                "decode_ms": p["decode_ms"],
+            }
+        )
+    return out
+
+
+def report(curves: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+    jpeg_at = {
+        t: min(
+            (v for v in (interp_bpp(curves.get("jpeg-420", []), t), interp_bpp(curves.get("jpeg-444", []), t)) if v),
+            default=None,
+        )
+        for t in TARGETS
+    }
+    table: dict[str, Any] = {}
+    for label, pts in curves.items():
+        row: dict[str, Any] = {}
+        for t in TARGETS:
+            bpp = interp_bpp(pts, t)
+            row[f"bpp@{t}"] = bpp
+            ref = jpeg_at[t]
+            row[f"x_jpeg@{t}"] = bpp / ref if bpp and ref else None
+        row["bd_rate_vs_jpeg444_psnr_%"] = bd_rate(curves.get("jpeg-444", []), pts)
+        near = min(pts, key=lambda p: abs(p["ssim"] - 0.95))
+        row["decode_ms_near_0.95"] = near["decode_ms"]
+        table[label] = row
+    # best classic codec at each target, for the neural ratio
+    for t in TARGETS:
+        classic = [table[k][f"bpp@{t}"] for k in table if not k.startswith("neural") and table[k][f"bpp@{t}"]]
+        best = min(classic) if classic else None
+        for k in table:
+            bpp = table[k][f"bpp@{t}"]
+            table[k][f"x_best_classic@{t}"] = bpp / best if bpp and best else None
+    return table
+
+
+def plot(curves: dict[str, list[dict[str, Any]]], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 5))
+    for label, pts in curves.items():
+        pts = sorted(pts, key=lambda p: p["bpp"])
+        style = "o-" if label.startswith("neural") else ".--"
+        axes[0].plot([p["bpp"] for p in pts], [p["ssim"] for p in pts], style, label=label)
+        axes[1].plot([p["bpp"] for p in pts], [p["psnr"] for p in pts], style, label=label)
+    for t in TARGETS:
+        axes[0].axhline(t, color="grey", lw=0.5)
+    axes[0].set(xlabel="bits per pixel", ylabel="SSIM", title=f"{title}: SSIM", ylim=(0.85, 1.0))
+    axes[1].set(xlabel="bits per pixel", ylabel="PSNR (dB)", title=f"{title}: PSNR")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def print_table(name: str, table: dict[str, Any]) -> None:
+    print(f"\n## {name}")
+    hdr = (
+        "| codec | bpp@0.95 | ×JPEG | ×best classic | bpp@0.97 | ×JPEG | ×best classic "
+        "| BD-rate vs JPEG 4:4:4 | decode ms |"
+    )
+    print(hdr)
+    print("|---" * (hdr.count("|") - 1) + "|")
+
+    def f(v: Any, fmt: str) -> str:
+        return format(v, fmt) if isinstance(v, float) else "–"
+
+    for label, r in table.items():
+        print(
+            f"| {label} | {f(r['bpp@0.95'], '.3f')} | {f(r['x_jpeg@0.95'], '.2f')} | "
+            f"{f(r['x_best_classic@0.95'], '.2f')} | {f(r['bpp@0.97'], '.3f')} | {f(r['x_jpeg@0.97'], '.2f')} | "
+            f"{f(r['x_best_classic@0.97'], '.2f')} | {f(r['bd_rate_vs_jpeg444_psnr_%'], '+.1f')}% | "
+            f"{f(r['decode_ms_near_0.95'], '.2f')} |"
+        )
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, default=RESULTS / "compress.json")
+    ap.add_argument("--per-slide", type=int, default=12)
+    ap.add_argument("--per-patch", type=int, default=2)
+    ap.add_argument("--no-neural", action="store_true")
+    args = ap.parse_args(argv)
+
+    import torch
+
+    torch.set_num_threads(1)
+    from tileserver import codecs
+
+    t_start = time.time()
+    tiles: list[EvalTile] = load_tiles(args.per_slide, args.per_patch)
+    pixels = np.stack([t.pixels for t in tiles])
+    groups = np.array([t.group for t in tiles])
+    held = held_out_sources()
+    held_mask = np.array([t.source in held for t in tiles])
+    print(f"{len(tiles)} tiles ({int((groups == 'slides').sum())} slide, {int((groups == 'patches').sum())} patch)")
+
+    raw: dict[str, list[dict[str, Any]]] = {}
+    for label, (name, fixed, values) in SWEEPS.items():
+        raw[label] = []
+        for v in values:
+            codec = codecs.get(name, **fixed, quality=v)
+            raw[label].append({"param": v, **run_codec(label, codec, pixels)})
+        print(f"  {label}: done ({time.time() - t_start:.0f} s)")
+    if not args.no_neural:
+        for q in neural_qualities():
+            codec = codecs.get("neural", quality=q)
+            raw.setdefault("neural", []).append({"param": q, **run_codec("neural", codec, pixels)})
+        if "neural" in raw:
+            print(f"  neural: done ({time.time() - t_start:.0f} s)")
+
+    subsets = {"all": np.ones(len(tiles), bool), "slides": groups == "slides", "patches": groups == "patches"}
+    if held_mask.any():
+        subsets["held_out"] = held_mask
+        subsets["trained_on"] = ~held_mask
+    results: dict[str, Any] = {
+        "machine": {"platform": platform.platform(), "python": platform.python_version(), "torch_threads": 1},
+        "tiles": {k: int(m.sum()) for k, m in subsets.items()},
+        "sources": sorted({t.source for t in tiles}),
+        "held_out_sources": sorted(held),
+        "subsets": {},
+        "wall_s": None,
+    }
+    for name, mask in subsets.items():
+        curves = {label: summarise(pts, mask) for label, pts in raw.items()}
+        results["subsets"][name] = {"curves": curves, "table": report(curves)}
+        print_table(f"{name} ({int(mask.sum())} tiles)", results["subsets"][name]["table"])
+    results["wall_s"] = round(time.time() - t_start, 1)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=1))
+    plot(results["subsets"]["all"]["curves"], args.out.with_suffix(".png"), f"all tiles ({len(tiles)})")
+    print(f"\nwrote {args.out} and {args.out.with_suffix('.png')} in {results['wall_s']} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
