@@ -1,0 +1,111 @@
+"""``tileserver serve`` under gunicorn with two workers: metrics add up across workers."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import requests
+
+from tests.conftest import SLIDES
+
+pytestmark = [pytest.mark.shared_data, pytest.mark.slow]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    port = _free_port()
+    log = tmp_path_factory.mktemp("serve") / "serve.log"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("TILESERVER_", "PROMETHEUS_"))}
+    cmd = [sys.executable, "-m", "tileserver", "serve", str(SLIDES), "--workers", "2", "--threads", "4"]
+    with log.open("w") as out:
+        proc = subprocess.Popen(
+            [*cmd, "--port", str(port)],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if requests.get(base + "/healthz", timeout=2).ok:
+                    break
+            except requests.RequestException:
+                pass  # not listening yet, or a worker still importing
+            if proc.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"tileserver serve did not start:\n{log.read_text()}")
+            time.sleep(0.2)
+        yield base
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def _metric_sum(text: str, name: str, **labels: str) -> float:
+    total = 0.0
+    for line in text.splitlines():
+        m = re.match(rf"^{name}(\{{[^}}]*\}})? (\S+)$", line)
+        if not m:
+            continue
+        got = dict(re.findall(r'(\w+)="([^"]*)"', m.group(1) or ""))
+        if all(got.get(k) == v for k, v in labels.items()):
+            total += float(m.group(2))
+    return total
+
+
+def test_counts_add_up_across_workers(server: str) -> None:
+    def get(url: str) -> requests.Response:
+        with requests.Session() as s:  # a new connection each time, so both workers get requests
+            return s.get(server + url, timeout=30)
+
+    before = get("/metrics").text  # the fixture's start-up probes are counted too
+    pids: set[int] = set()
+    health = 0
+    with ThreadPoolExecutor(8) as pool:
+        for _ in range(10):
+            for r in pool.map(get, ["/healthz"] * 16):
+                pids.add(r.json()["pid"])
+                health += 1
+            if len(pids) == 2:
+                break
+    assert len(pids) == 2, "requests never reached the second worker"
+
+    tiles = [f"/CMU-1-Small-Region.svs_files/11/{c}_{r}.jpeg" for c in range(5) for r in range(6)]
+    with ThreadPoolExecutor(8) as pool:
+        first = list(pool.map(get, tiles))
+        second = list(pool.map(get, tiles))
+    assert all(r.status_code == 200 for r in first + second)
+    sources = [r.headers["X-Tile-Source"] for r in first + second]
+
+    text = get("/metrics").text
+    assert _metric_sum(text, "tileserver_tile_requests_total") == len(tiles) * 2
+    for source in ("openslide", "cache"):
+        assert _metric_sum(text, "tileserver_tile_requests_total", source=source) == sources.count(source)
+    assert _metric_sum(text, "tileserver_tile_seconds_count") == len(tiles) * 2
+    healthz = "tileserver_http_requests_total"
+    assert _metric_sum(text, healthz, endpoint="healthz") - _metric_sum(before, healthz, endpoint="healthz") == health
+    hits = _metric_sum(text, "tileserver_cache_hits_total")
+    misses = _metric_sum(text, "tileserver_cache_misses_total")
+    assert hits == sources.count("cache")
+    assert hits + misses == len(tiles) * 2
+    assert _metric_sum(text, "tileserver_cache_bytes") > 0
