@@ -23,6 +23,7 @@ _COMMANDS: tuple[str, ...] = (
     "tileserver.server.cli",
     "tileserver.convert",
     "tileserver.info",
+    "tileserver.tissue.cli",
     "tileserver.report",
 )
 
