@@ -40,6 +40,7 @@ from .slides import SlideReader, detect_format, open_slide
 
 __all__ = [
     "FORMATS",
+    "MAX_READ_PIXELS",
     "Decoder",
     "DecoderFactory",
     "NeuralDecoders",
@@ -56,6 +57,20 @@ FORMATS: dict[str, str] = {"jpeg": "image/jpeg", "png": "image/png", "webp": "im
 #: file names that are never slides: editors' and downloaders' leftovers (our converter's
 #: partial outputs are hidden: ``.<name>.partial-<pid>``)
 _TEMP_SUFFIXES = (".tmp", ".part", ".partial", "~")
+
+
+#: most pixels one request may read from a slide level (4 bytes each, RGBA).  A slide lacking a
+#: pyramid level near the requested scale (a thumbnail, a zoomed-out Deep Zoom tile) would
+#: otherwise be read whole into memory.
+MAX_READ_PIXELS = 64 * 1024 * 1024
+
+
+def _check_read(l_size: tuple[int, int], level: int, what: str) -> None:
+    if l_size[0] * l_size[1] > MAX_READ_PIXELS:
+        raise BadTileAddress(
+            f"{what} needs {l_size[0]} x {l_size[1]} pixels of slide level {level}, over the limit of "
+            f"{MAX_READ_PIXELS} (the slide has no pyramid level near this scale)"
+        )
 
 
 def _is_temp(name: str) -> bool:
@@ -260,7 +275,11 @@ class TileService:
             path = (self.root / rel).resolve(strict=True)
         except (OSError, RuntimeError) as exc:
             # a slide that vanished: close it if it was open, forget what we knew
-            self.slides.forget((self.root / rel).resolve())
+            try:
+                gone = (self.root / rel).resolve()
+            except (OSError, RuntimeError):  # a symlink loop raises even when not strict
+                gone = self.root / rel
+            self.slides.forget(gone)
             with self._info_lock:
                 self._info.pop(rel, None)
             raise SlideNotFound(f"no slide {rel!r}") from exc
@@ -306,7 +325,7 @@ class TileService:
                 path = here / name
                 try:
                     real = path.resolve(strict=True)
-                except OSError:
+                except (OSError, RuntimeError):  # RuntimeError: a symlink loop (Python < 3.13)
                     continue
                 if real.is_relative_to(self.root) and real.is_file() and self._detect(path):
                     found.append(path.relative_to(self.root).as_posix())
@@ -425,6 +444,7 @@ class TileService:
             pixels = dz.stored.read_tile(plan.level, plan.s_col, plan.s_row)
             image = Image.fromarray(np.ascontiguousarray(pixels[:, :, :3]), "RGB")
         else:
+            _check_read(plan.l_size, plan.level, f"tile {dz_level}/{t_col}_{t_row}")
             image = dz.get_tile(dz_level, (t_col, t_row))
         return encode_image(image, fmt, quality), source
 
@@ -444,6 +464,9 @@ class TileService:
             key = (identity, "thumbnail", edge)
             data = self.tiles.get(key)
             if data is None:
+                # the level get_thumbnail reads whole
+                level = slide.get_best_level_for_downsample(max(d / edge for d in slide.dimensions))
+                _check_read(slide.level_dimensions[level], level, f"a {edge} px thumbnail")
                 data = encode_image(slide.get_thumbnail((edge, edge)), "jpeg", 90)
                 self.tiles.put(key, data)
         return data
