@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -11,7 +12,26 @@ from PIL import Image
 from ..errors import CorruptSlide, UnsupportedFormat
 from .base import SlideReader
 
-__all__ = ["OpenSlideReader"]
+__all__ = ["SHARED_CACHE_BYTES", "OpenSlideReader"]
+
+#: one OpenSlide tile cache shared by every slide this process opens, so memory
+#: stays bounded however many slides are open (OpenSlide's default is 32 MiB *per slide*)
+SHARED_CACHE_BYTES = 64 * 1024 * 1024
+
+_shared_cache: openslide.OpenSlideCache | None = None
+_shared_cache_lock = threading.Lock()
+
+
+def _cache() -> openslide.OpenSlideCache | None:
+    """The process-wide cache, created on first use (after any fork)."""
+    global _shared_cache
+    with _shared_cache_lock:
+        if _shared_cache is None:
+            try:
+                _shared_cache = openslide.OpenSlideCache(SHARED_CACHE_BYTES)
+            except openslide.lowlevel.OpenSlideVersionError:  # OpenSlide < 4.0
+                return None
+        return _shared_cache
 
 
 class OpenSlideReader(SlideReader):
@@ -27,6 +47,9 @@ class OpenSlideReader(SlideReader):
         except openslide.OpenSlideError as exc:
             raise CorruptSlide(f"{self.path}: {exc}") from exc
         self._format = fmt
+        cache = _cache()
+        if cache is not None:
+            self._osr.set_cache(cache)
         self._profile = self._osr._profile  # keep DeepZoomGenerator's colour handling
 
     @classmethod
