@@ -72,11 +72,12 @@ version is between 1 and its own ``FORMAT_VERSION`` and refuses newer ones with
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
 from ..errors import CorruptSlide, UnsupportedFormat
 
@@ -86,11 +87,17 @@ __all__ = [
     "FORMAT_VERSION",
     "GLASS_STRATEGIES",
     "MAGIC",
+    "MAX_ASSOCIATED_SIDE",
     "MAX_DESCRIPTION_BYTES",
+    "MAX_LEVELS",
+    "MAX_SLIDE_SIDE",
+    "MAX_TILE_SIZE",
     "TAG_IMAGE_DESCRIPTION",
     "TAG_PAGE_NAME",
     "TILE_SIZE",
     "LevelGeometry",
+    "is_int",
+    "is_number",
     "level_geometry",
     "parse_metadata",
     "read_first_description",
@@ -105,6 +112,14 @@ MAGIC = b'{"format": "tileserver"'
 #: a description larger than this is not ours (guards allocations on damaged files)
 MAX_DESCRIPTION_BYTES = 64 * 1024 * 1024
 ASSOCIATED_JPEG_QUALITY = 90
+#: largest level-0 width or height accepted (TIFF's LONG limit); guards damaged metadata
+MAX_SLIDE_SIDE = 2**32 - 1
+#: largest tile edge accepted (TIFF tile sizes beyond this are not real slides)
+MAX_TILE_SIZE = 65536
+#: most pyramid levels (2**40 downsample is far beyond any slide; bounds ``level_geometry``)
+MAX_LEVELS = 40
+#: largest associated image width or height decoded (label/macro/thumbnail are a few thousand pixels)
+MAX_ASSOCIATED_SIDE = 16384
 
 TAG_IMAGE_DESCRIPTION = 270
 TAG_PAGE_NAME = 285
@@ -127,16 +142,23 @@ class LevelGeometry:
 
 
 def level_geometry(width: int, height: int, tile_size: int = TILE_SIZE) -> list[LevelGeometry]:
-    """Geometry of every level: downsample 1, 2, 4, ... until the level fits one tile."""
+    """Geometry of every level: downsample 1, 2, 4, ... until the level fits one tile.
+
+    Raises ``ValueError`` for a non-positive size or tile size, or a pyramid of more
+    than ``MAX_LEVELS`` levels (the loop is bounded whatever the input).
+    """
     if width < 1 or height < 1:
         raise ValueError(f"slide size must be positive, got {width}x{height}")
+    if tile_size < 1:
+        raise ValueError(f"tile size must be positive, got {tile_size}")
     levels = []
     w, h, ds = width, height, 1
-    while True:
+    for _ in range(MAX_LEVELS):
         levels.append(LevelGeometry(w, h, ds, -(-w // tile_size), -(-h // tile_size)))
         if w <= tile_size and h <= tile_size:
             return levels
         w, h, ds = -(-w // 2), -(-h // 2), ds * 2
+    raise ValueError(f"{width}x{height} with tile size {tile_size} needs more than {MAX_LEVELS} levels")
 
 
 _TYPE_SIZES = {1: 1, 2: 1, 3: 2, 4: 4, 5: 8, 6: 1, 7: 1, 8: 2, 9: 4, 10: 8, 11: 4, 12: 8, 16: 8, 17: 8, 18: 8}
@@ -217,4 +239,49 @@ def parse_metadata(description: bytes | str, path: str | Path) -> dict[str, Any]
     for key in ("width", "height", "tile_size", "codec", "glass", "levels"):
         if key not in meta:
             raise CorruptSlide(f"{path}: tileserver metadata lacks {key!r}")
+    _check_types(meta, path)
     return meta
+
+
+def is_int(value: object) -> TypeGuard[int]:
+    """True for a JSON integer (``bool`` excluded)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_number(value: object) -> bool:
+    """True for a finite JSON number (``bool`` excluded)."""
+    return (is_int(value) or isinstance(value, float)) and math.isfinite(value)  # type: ignore[arg-type]
+
+
+def _check_types(meta: dict[str, Any], path: str | Path) -> None:
+    """Check the type and range of each top-level key readers use, naming the first bad key.
+
+    Nested objects (``codec``, ``glass``, ``levels`` entries) are checked by their users;
+    here only their kind, so that no reader calls a method on the wrong type.
+    """
+
+    def bad(key: str, want: str) -> CorruptSlide:
+        return CorruptSlide(f"{path}: damaged tileserver metadata: {key!r} must be {want}, got {meta[key]!r:.80}")
+
+    for key in ("width", "height"):
+        if not (is_int(meta[key]) and 1 <= meta[key] <= MAX_SLIDE_SIDE):
+            raise bad(key, f"an integer in 1..{MAX_SLIDE_SIDE}")
+    if not (is_int(meta["tile_size"]) and 1 <= meta["tile_size"] <= MAX_TILE_SIZE):
+        raise bad("tile_size", f"an integer in 1..{MAX_TILE_SIZE}")
+    for key in ("codec", "glass"):
+        if not isinstance(meta[key], dict):
+            raise bad(key, "an object")
+    if not isinstance(meta["levels"], list):
+        raise bad("levels", "a list")
+    for key in ("associated", "source"):
+        if meta.get(key) is not None and not isinstance(meta[key], dict):
+            raise bad(key, "an object or null")
+    source = meta.get("source") or {}
+    if source.get("properties") is not None and not isinstance(source["properties"], dict):
+        raise CorruptSlide(f"{path}: damaged tileserver metadata: 'source.properties' must be an object or null")
+    mpp = meta.get("mpp")
+    if mpp is not None and not (isinstance(mpp, list) and len(mpp) == 2 and all(is_number(v) for v in mpp)):
+        raise bad("mpp", "null or a pair of finite numbers")
+    tissue = meta.get("tissue_fraction")
+    if tissue is not None and not is_number(tissue):
+        raise bad("tissue_fraction", "null or a finite number")

@@ -18,7 +18,15 @@ import numpy.typing as npt
 import tifffile
 
 from ..errors import BadTileAddress, CorruptSlide, CorruptTile, UnsupportedFormat
-from .format import MAGIC, LevelGeometry, level_geometry, parse_metadata, read_first_description
+from .format import (
+    MAGIC,
+    MAX_ASSOCIATED_SIDE,
+    LevelGeometry,
+    is_int,
+    level_geometry,
+    parse_metadata,
+    read_first_description,
+)
 
 __all__ = ["ContainerReader", "is_container"]
 
@@ -41,26 +49,47 @@ class ContainerReader:
             raise UnsupportedFormat(f"{self.path}: not a TIFF with tileserver metadata")
         self.metadata: dict[str, Any] = parse_metadata(desc, self.path)
         meta = self.metadata
+        # parse_metadata checked the top-level types (width, height, tile_size in range, ...);
+        # the nested objects are checked here, key by key, before anything uses them.
+        self.width, self.height = int(meta["width"]), int(meta["height"])
+        self.tile_size = int(meta["tile_size"])
+        codec, glass = meta["codec"], meta["glass"]
+        self.codec_name: str = self._field(codec, "name", "codec.name", str, "a string")
+        params = codec.get("params")
+        self._require(params is None or isinstance(params, dict), "codec.params", "an object or null", params)
+        self.codec_params: dict[str, Any] = dict(params or {})
+        self.tiff_compression = self._field(codec, "tiff_compression", "codec.tiff_compression", is_int, "an integer")
+        model_info = codec.get("model_info")
+        self._require(
+            model_info is None or isinstance(model_info, dict), "codec.model_info", "an object or null", model_info
+        )
+        self.model_info: dict[str, Any] | None = model_info
+        self.glass_strategy: str = self._field(glass, "strategy", "glass.strategy", str, "a string")
+        color = glass.get("color")
+        self._require(
+            isinstance(color, list) and len(color) == 3 and all(is_int(c) and 0 <= c <= 255 for c in color),
+            "glass.color",
+            "three integers in 0..255",
+            color,
+        )
+        r, g, b = color
+        self.glass_color: tuple[int, int, int] = (r, g, b)
         try:
-            self.width, self.height = int(meta["width"]), int(meta["height"])
-            self.tile_size = int(meta["tile_size"])
-            codec = meta["codec"]
-            self.codec_name: str = str(codec["name"])
-            self.codec_params: dict[str, Any] = dict(codec.get("params") or {})
-            self.tiff_compression = int(codec["tiff_compression"])
-            self.model_info: dict[str, Any] | None = codec.get("model_info")
-            glass = meta["glass"]
-            self.glass_strategy: str = str(glass["strategy"])
-            r, g, b = (int(c) for c in glass["color"])
-            self.glass_color: tuple[int, int, int] = (r, g, b)
             self.levels: list[LevelGeometry] = level_geometry(self.width, self.height, self.tile_size)
-            level_ifds = [int(lv["ifd"]) for lv in meta["levels"]]
-            self.associated_ifds: dict[str, int] = {
-                str(k): int(v["ifd"]) for k, v in (meta.get("associated") or {}).items()
-            }
-        except (KeyError, TypeError, ValueError) as exc:
-            raise CorruptSlide(f"{self.path}: damaged tileserver metadata: {exc!r}") from exc
-        if len(level_ifds) != len(self.levels) or self.tile_size <= 0:
+        except ValueError as exc:
+            raise CorruptSlide(f"{self.path}: damaged tileserver metadata: {exc}") from exc
+        level_ifds = [self._ifd(lv, f"levels[{i}]") for i, lv in enumerate(meta["levels"])]
+        self.associated_ifds: dict[str, int] = {}
+        #: (height, width) of each associated image as the metadata records it
+        self.associated_sizes: dict[str, tuple[int, int]] = {}
+        for name, entry in (meta.get("associated") or {}).items():
+            key = f"associated.{name}"
+            self.associated_ifds[name] = self._ifd(entry, key)
+            w = self._field(entry, "width", key + ".width", is_int, "an integer")
+            h = self._field(entry, "height", key + ".height", is_int, "an integer")
+            self._require(w >= 1 and h >= 1, key, "a positive size", (w, h))
+            self.associated_sizes[name] = (h, w)
+        if len(level_ifds) != len(self.levels):
             raise CorruptSlide(
                 f"{self.path}: metadata lists {len(level_ifds)} levels, geometry needs {len(self.levels)}"
             )
@@ -70,6 +99,24 @@ class ContainerReader:
         self._parse(level_ifds)
         self._fd: int | None = os.open(self.path, os.O_RDONLY)
         self._assoc_lock = threading.Lock()
+
+    def _require(self, ok: bool, key: str, want: str, value: object) -> None:
+        if not ok:
+            raise CorruptSlide(f"{self.path}: damaged tileserver metadata: {key!r} must be {want}, got {value!r:.80}")
+
+    def _field(self, obj: dict[str, Any], name: str, key: str, check: Any, want: str) -> Any:
+        """``obj[name]`` after ``check`` (a type or a predicate) accepts it, else ``CorruptSlide``."""
+        value = obj.get(name)
+        ok = isinstance(value, check) if isinstance(check, type) else bool(check(value))
+        self._require(ok, key, want, value)
+        return value
+
+    def _ifd(self, entry: object, key: str) -> int:
+        ifd = entry.get("ifd") if isinstance(entry, dict) else None
+        if not (is_int(ifd) and ifd >= 0):
+            what = "an object with a non-negative integer 'ifd'"
+            raise CorruptSlide(f"{self.path}: damaged tileserver metadata: {key!r} must be {what}, got {entry!r:.80}")
+        return ifd
 
     def _parse(self, level_ifds: list[int]) -> None:
         try:
@@ -149,17 +196,46 @@ class ContainerReader:
         return data
 
     def associated_image(self, name: str) -> npt.NDArray[np.uint8]:
-        """Decode one associated image (``H x W x 3`` uint8)."""
+        """Decode one associated image (``H x W x 3`` uint8).
+
+        Raises ``CorruptSlide`` when its IFD disagrees with the metadata's size (checked
+        before decoding, so a damaged size tag cannot cause a huge allocation) or the
+        decode is not an image of that size.
+        """
         ifd = self.associated_ifds[name]
+        expected = self.associated_sizes[name]
+        if max(expected) > MAX_ASSOCIATED_SIDE:
+            raise CorruptSlide(
+                f"{self.path}: associated image {name!r} is {expected[1]}x{expected[0]},"
+                f" more than {MAX_ASSOCIATED_SIDE} pixels a side"
+            )
         with self._assoc_lock:
             try:
                 with tifffile.TiffFile(self.path) as tf:
-                    arr = np.asarray(tf.pages[ifd].asarray())
+                    page = tf.pages[ifd]
+                    if not isinstance(page, tifffile.TiffPage):
+                        raise CorruptSlide(f"{self.path}: associated image {name!r} IFD {ifd} is not a page")
+                    if (
+                        (page.imagelength, page.imagewidth) != expected
+                        or page.imagedepth != 1
+                        or page.samplesperpixel not in (1, 3, 4)
+                        or page.bitspersample != 8
+                    ):
+                        raise CorruptSlide(
+                            f"{self.path}: associated image {name!r} IFD is {page.imagewidth}x{page.imagelength}"
+                            f" ({page.samplesperpixel} samples of {page.bitspersample} bits),"
+                            f" metadata says {expected[1]}x{expected[0]} RGB"
+                        )
+                    arr = np.asarray(page.asarray())
+            except CorruptSlide:
+                raise
             except Exception as exc:
                 raise CorruptSlide(f"{self.path}: cannot decode associated image {name!r}: {exc}") from exc
         if arr.ndim == 2:
             arr = np.repeat(arr[:, :, None], 3, axis=2)
-        return np.ascontiguousarray(arr[:, :, :3].astype(np.uint8, copy=False))
+        if arr.ndim != 3 or arr.shape[:2] != expected or arr.shape[2] < 3 or arr.dtype != np.uint8:
+            raise CorruptSlide(f"{self.path}: associated image {name!r} decoded to {arr.dtype} {arr.shape}")
+        return np.ascontiguousarray(arr[:, :, :3])
 
     def close(self) -> None:
         """Release the file handle; later tile reads raise ``CorruptTile``."""

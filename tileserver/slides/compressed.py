@@ -302,6 +302,7 @@ class CompressedSlide(SlideReader):
         c = self._container
         meta = c.metadata
         props: dict[str, str] = {}
+        # ContainerReader checked the types of the keys used here at open (format._check_types)
         src = meta.get("source") or {}
         for key, value in (src.get("properties") or {}).items():
             if not str(key).startswith(_DROPPED_SOURCE_KEYS):
@@ -321,9 +322,9 @@ class CompressedSlide(SlideReader):
             props[f"openslide.level[{i}].downsample"] = str(float(g.downsample))
             props[f"openslide.level[{i}].tile-width"] = str(c.tile_size)
             props[f"openslide.level[{i}].tile-height"] = str(c.tile_size)
-        for name, a in (meta.get("associated") or {}).items():
-            props[f"openslide.associated.{name}.width"] = str(a.get("width"))
-            props[f"openslide.associated.{name}.height"] = str(a.get("height"))
+        for name, (height, width) in c.associated_sizes.items():
+            props[f"openslide.associated.{name}.width"] = str(width)
+            props[f"openslide.associated.{name}.height"] = str(height)
         params = c.codec_params
         quality = params.get("quality", params.get("distance"))
         props["tileserver.format-version"] = str(meta.get("format_version", FORMAT_VERSION))
