@@ -25,6 +25,7 @@ _COMMANDS: tuple[str, ...] = (
     "tileserver.info",
     "tileserver.tissue.cli",
     "tileserver.report",
+    "tileserver.train",
 )
 
 

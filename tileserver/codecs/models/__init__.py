@@ -8,9 +8,13 @@ Importing this package imports torch, so only ``tileserver.codecs.neural`` and
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
-from .factorized import FactorizedPS
+with warnings.catch_warnings():
+    # CompressAI calls torch.jit.script at import time, which newer torch deprecates.
+    warnings.simplefilter("ignore", FutureWarning)
+    from .factorized import FactorizedPS
 
 __all__ = ["ARCHITECTURES", "FactorizedPS", "build"]
 

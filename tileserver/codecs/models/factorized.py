@@ -57,7 +57,15 @@ class _SubPixel(nn.Module):
         nn.init.kaiming_uniform_(w, a=5**0.5)
         with torch.no_grad():
             self.conv.weight.copy_(w.repeat_interleave(4, dim=0))
-            self.conv.bias.zero_()
+            self.bias.zero_()
+
+    @property
+    def bias(self) -> Tensor:
+        """The convolution's bias (always present)."""
+        b = self.conv.bias
+        if b is None:  # pragma: no cover - built with bias=True
+            raise RuntimeError("sub-pixel convolution has no bias")
+        return b
 
     def forward(self, x: Tensor) -> Tensor:
         return F.pixel_shuffle(self.conv(x), 2)
@@ -77,9 +85,7 @@ class FactorizedPS(nn.Module):
             raise ValueError(f"widths must have 3 entries, got {widths}")
         self.config: dict[str, Any] = {"N": int(N), "M": int(M), "widths": list(widths)}
         self.M = int(M)
-        self.g_a = nn.Sequential(
-            _conv(3, N), GDN(N), _conv(N, N), GDN(N), _conv(N, N), GDN(N), _conv(N, M)
-        )
+        self.g_a = nn.Sequential(_conv(3, N), GDN(N), _conv(N, N), GDN(N), _conv(N, N), GDN(N), _conv(N, M))
         self.entropy_bottleneck = EntropyBottleneck(M)
         chans = [M, *widths, 3]
         self.g_s = nn.ModuleList(_SubPixel(chans[i], chans[i + 1]) for i in range(4))
@@ -112,7 +118,7 @@ class FactorizedPS(nn.Module):
         for stage in self.g_s:
             assert isinstance(stage, _SubPixel)
             w = _to_grid(stage.conv.weight.detach().double(), WEIGHT_BITS, _W_MAX)
-            b = _to_grid(stage.conv.bias.detach().double(), WEIGHT_BITS, _W_MAX)
+            b = _to_grid(stage.bias.detach().double(), WEIGHT_BITS, _W_MAX)
             out.append((w, b))
         return out
 
@@ -128,7 +134,17 @@ def quantize_weights_(model: FactorizedPS) -> None:
     for stage in model.g_s:
         assert isinstance(stage, _SubPixel)
         stage.conv.weight.copy_(_to_grid(stage.conv.weight.double(), WEIGHT_BITS, _W_MAX).float())
-        stage.conv.bias.copy_(_to_grid(stage.conv.bias.double(), WEIGHT_BITS, _W_MAX).float())
+        stage.bias.copy_(_to_grid(stage.bias.double(), WEIGHT_BITS, _W_MAX).float())
+
+
+def _conv3x3(x: Tensor, w: Tensor, b: Tensor) -> Tensor:
+    if x.device.type == "cpu":
+        # CPU float64 convolution is im2col + GEMM (oneDNN, NNPACK and Winograd are float32-only).
+        return F.conv2d(x, w, b, padding=1)
+    # On CUDA, cuDNN may pick FFT/Winograd algorithms, which are not exact; im2col + GEMM is.
+    n, _, h, wd = x.shape
+    cols = F.unfold(x, 3, padding=1)
+    return (torch.matmul(w.reshape(w.shape[0], -1), cols) + b[:, None]).reshape(n, -1, h, wd)
 
 
 def synthesize_exact(layers: list[tuple[Tensor, Tensor]], y_hat: Tensor) -> Tensor:
@@ -140,7 +156,7 @@ def synthesize_exact(layers: list[tuple[Tensor, Tensor]], y_hat: Tensor) -> Tens
     x = _to_grid(y_hat.double(), ACT_BITS, _A_MAX)
     last = len(layers) - 1
     for i, (w, b) in enumerate(layers):
-        x = F.conv2d(x, w, b, padding=1)
+        x = _conv3x3(x, w, b)
         if i < last:
             # ReLU, then back onto the activation grid; rounding an exact value is exact.
             x = _to_grid(torch.clamp_(x, min=0.0), ACT_BITS, _A_MAX)

@@ -1,0 +1,192 @@
+"""Per-tile decode speed: each neural quality beside JPEG, JPEG-XL and JPEG 2000, same tiles, same run.
+
+For the neural codec it splits the time into entropy decoding (CompressAI rANS,
+per tile) and synthesis (our exact float64 transform), at 1 and 2 torch
+threads, for batch 1 and batches of 4, 8 and 16 (the best is reported), and
+also times the plain float32 synthesis to show what exactness costs.  Classic
+codecs decode single-threaded (``numthreads=1``).
+
+    .venv/bin/python bench/decode.py            # prints JSON + a table, writes bench/results/decode.json
+
+Timings are medians over tiles of the best of ``--reps`` repetitions; the
+machine's load at the time is recorded with them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from _tiles import load_tiles
+
+from tileserver import codecs
+
+OUT = Path(__file__).resolve().parent / "results" / "decode.json"
+CLASSIC: list[tuple[str, dict[str, Any]]] = [
+    ("jpeg", {"quality": 90, "subsampling": "444"}),
+    ("jpeg", {"quality": 90, "subsampling": "420"}),
+    ("jpegxl", {"distance": 1.0, "effort": 7}),
+    ("jpeg2000", {"quality": 40}),
+]
+BATCHES = (1, 4, 8, 16)
+
+
+def _ssim(a: np.ndarray, b: np.ndarray) -> float:
+    import torch
+    from pytorch_msssim import ssim
+
+    x = torch.from_numpy(a).permute(0, 3, 1, 2).double()
+    y = torch.from_numpy(b).permute(0, 3, 1, 2).double()
+    return float(ssim(x, y, data_range=255, size_average=True))
+
+
+def _psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2, axis=(1, 2, 3))
+    return float(np.mean(10 * np.log10(255.0**2 / np.maximum(mse, 1e-10))))
+
+
+def _best_of(fn: Any, reps: int) -> float:
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def bench_classic(tiles: np.ndarray, reps: int) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for name, params in CLASSIC:
+        codec = codecs.get(name, **params)
+        blobs = [codec.encode(t) for t in tiles]
+        decoded = np.stack([codec.decode(b) for b in blobs])
+        per_tile = [_best_of(functools.partial(codec.decode, b), reps) * 1000 for b in blobs]
+        label = name + ("-" + params["subsampling"] if "subsampling" in params else "")
+        out[label] = {
+            "params": params,
+            "bpp": float(np.mean([len(b) * 8 / (t.shape[0] * t.shape[1]) for b, t in zip(blobs, tiles, strict=True)])),
+            "psnr": _psnr(tiles, decoded),
+            "ssim": _ssim(tiles, decoded),
+            "decode_ms": float(np.median(per_tile)),
+        }
+    return out
+
+
+def bench_neural(q: int, tiles: np.ndarray, reps: int) -> dict[str, Any]:
+    import torch
+
+    from tileserver.codecs.models.factorized import synthesize_exact
+
+    codec = codecs.get("neural", quality=q, device="cpu")
+    blobs = codec.encode_batch(list(tiles))  # type: ignore[attr-defined]
+    decoded = np.stack(codec.decode_batch(blobs))  # type: ignore[arg-type]
+    model = codec._load()  # type: ignore[attr-defined]  # internal: to time the two stages apart
+    res: dict[str, Any] = {
+        "bpp": float(np.mean([len(b) * 8 / (t.shape[0] * t.shape[1]) for b, t in zip(blobs, tiles, strict=True)])),
+        "psnr": _psnr(tiles, decoded),
+        "ssim": _ssim(tiles, decoded),
+        "threads": {},
+    }
+    n = len(blobs)
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        entropy = [_best_of(lambda b=b: codec._latent(model, b), reps) * 1000 for b in blobs]  # type: ignore[attr-defined,misc]
+        latents = [codec._latent(model, b)[0] for b in blobs]  # type: ignore[attr-defined]
+        y_all = torch.from_numpy(np.stack(latents)) + model.medians[None, :, None, None]
+        by_batch: dict[int, dict[str, float]] = {}
+        with torch.inference_mode():
+            for bs in [b for b in BATCHES if b <= n]:
+                chunks = [y_all[i : i + bs] for i in range(0, n - bs + 1, bs)]
+                synth = _best_of(lambda chunks=chunks: [synthesize_exact(model.layers, c) for c in chunks], reps)
+                codec._synthesis_batch = bs  # type: ignore[attr-defined]  # one synthesis pass per batch
+                full = _best_of(
+                    lambda bs=bs: [codec.decode_batch(blobs[i : i + bs]) for i in range(0, n - bs + 1, bs)], reps
+                )
+                count = bs * len(chunks)
+                by_batch[bs] = {"synthesis_ms": synth / count * 1000, "decode_ms": full / count * 1000}
+            fp32 = _best_of(
+                lambda y_all=y_all: [model.model.synthesize(y_all[i : i + 1].float()) for i in range(n)], reps
+            )
+        codec._synthesis_batch = None  # type: ignore[attr-defined]
+        best = min(by_batch, key=lambda b: by_batch[b]["decode_ms"])
+        res["threads"][threads] = {
+            "entropy_ms": float(np.median(entropy)),
+            "synthesis_ms_b1": by_batch[1]["synthesis_ms"],
+            "decode_ms_b1": by_batch[1]["decode_ms"],
+            "best_batch": best,
+            "decode_ms_best": by_batch[best]["decode_ms"],
+            "by_batch": {str(k): v for k, v in by_batch.items()},
+            "synthesis_fp32_ms_b1": fp32 / n * 1000,
+        }
+    return res
+
+
+def print_table(result: dict[str, Any]) -> None:
+    print(f"\n{result['tiles']} tissue tiles of 256x256; load average at start {result['machine']['loadavg']}")
+    print(f"{'codec':<22}{'bpp':>7}{'PSNR':>7}{'SSIM':>7}  {'decode ms/tile (1 thread)':<28}")
+    for label, r in result["classic"].items():
+        print(f"{label:<22}{r['bpp']:>7.3f}{r['psnr']:>7.2f}{r['ssim']:>7.4f}  {r['decode_ms']:.2f}")
+    print(
+        f"\n{'neural':<10}{'bpp':>7}{'PSNR':>7}{'SSIM':>7}{'thr':>5}{'entropy':>9}{'synth b1':>10}"
+        f"{'total b1':>10}{'best b':>8}{'total best':>12}{'fp32 synth':>12}"
+    )
+    for q, r in result["neural"].items():
+        for thr, t in r["threads"].items():
+            print(
+                f"q{q:<9}{r['bpp']:>7.3f}{r['psnr']:>7.2f}{r['ssim']:>7.4f}{thr:>5}{t['entropy_ms']:>9.2f}"
+                f"{t['synthesis_ms_b1']:>10.2f}{t['decode_ms_b1']:>10.2f}{t['best_batch']:>8}"
+                f"{t['decode_ms_best']:>12.2f}{t['synthesis_fp32_ms_b1']:>12.2f}"
+            )
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--tiles", type=int, default=16, help="number of tissue tiles (default 16)")
+    ap.add_argument("--reps", type=int, default=2, help="repetitions per timing, best kept")
+    ap.add_argument("--qualities", type=int, nargs="*", help="neural qualities (default: all installed)")
+    ap.add_argument("--out", type=Path, default=OUT)
+    args = ap.parse_args(argv)
+
+    from tileserver.codecs.neural import available_qualities
+
+    all_tiles = load_tiles(per_slide=6, per_patch=1)
+    # Half from the slides, half from the patches, deterministic.
+    slides = [t.pixels for t in all_tiles if t.group == "slides"]
+    patches = [t.pixels for t in all_tiles if t.group == "patches"]
+    picked = slides[: args.tiles // 2] + patches[: args.tiles - min(len(slides), args.tiles // 2)]
+    tiles = np.stack(picked[: args.tiles])
+    t0 = time.time()
+    result: dict[str, Any] = {
+        "machine": {
+            "cpus": os.cpu_count(),
+            "platform": platform.platform(),
+            "loadavg": [round(x, 2) for x in os.getloadavg()],
+        },
+        "tiles": len(tiles),
+        "classic": bench_classic(tiles, args.reps),
+        "neural": {},
+    }
+    for q in args.qualities or available_qualities():
+        result["neural"][str(q)] = bench_neural(q, tiles, args.reps)
+    result["seconds"] = round(time.time() - t0, 1)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+    print_table(result)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,420 @@
+"""The neural tile codec: CompressAI entropy coding + our light synthesis.
+
+``get("neural", quality=q)`` returns a :class:`NeuralCodec` for one of the
+models shipped in ``tileserver/codecs/weights`` (``manifest.json`` lists each
+quality's weights file, architecture and SHA-256).  Constructing a codec reads
+only the manifest; torch is imported and the weights are loaded on the first
+encode/decode, so importing this module (or ``tileserver.codecs``) never imports
+torch, and a server can build codecs before gunicorn forks.
+
+Tile bitstream, format version 1 (little-endian)::
+
+    offset size  field
+    0      2     magic b"NC"
+    2      1     format version (1)
+    3      1     quality
+    4      4     first 4 bytes of the weights' SHA-256 (which model coded it)
+    8      2     tile height H (1..MAX_TILE_SIDE)
+    10     2     tile width W
+    12     1     latent height  == ceil(H / 16)
+    13     1     latent width   == ceil(W / 16)
+    14     4     CRC-32 of the payload
+    18     ...   payload: CompressAI rANS string of the M x h x w latent symbols
+
+Everything in the header is validated, and the payload's CRC checked, before the
+entropy decoder sees a byte: CompressAI's rANS decoder does no bounds checking,
+so truncated or random input must never reach it.  The payload is also padded
+with zeros so that even a crafted stream with a valid CRC can only read padding.
+
+Decoded pixels are bit-identical whatever the batch size, batch composition,
+thread count or device: the synthesis runs on exact fixed-point grids in
+float64 (see ``models/factorized.py``), and the factorized prior's CDF tables
+are fixed at export.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import struct
+import threading
+import zlib
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import CorruptTile, MissingModel
+from .base import Tile, register
+
+__all__ = [
+    "FORMAT_VERSION",
+    "MAX_TILE_SIDE",
+    "TIFF_NEURAL",
+    "WEIGHTS_DIR",
+    "NeuralCodec",
+    "available_qualities",
+    "check_model",
+    "parse_header",
+    "save_weights",
+]
+
+#: private TIFF Compression code for neural tiles
+TIFF_NEURAL = 65000
+#: bitstream format version written in every tile header
+FORMAT_VERSION = 1
+#: largest tile side accepted (bounds every allocation made while decoding)
+MAX_TILE_SIDE = 512
+#: directory of the shipped weights and their manifest
+WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
+
+#: tiles per synthesis pass on CPU.  Measured (bench/decode.py): the float64
+#: synthesis runs fastest one tile at a time on CPU (larger batches only grow the
+#: im2col buffers past the caches); on CUDA the whole batch goes in one pass.
+#: Pixels are identical either way (the synthesis is exact).
+CPU_SYNTHESIS_BATCH = 1
+
+_MAGIC = b"NC"
+_HEADER = struct.Struct("<2sBB4sHHBBI")
+_STRIDE = 16
+
+
+def _manifest(weights_dir: Path) -> dict[str, Any]:
+    path = weights_dir / "manifest.json"
+    try:
+        data: dict[str, Any] = json.loads(path.read_text())
+    except FileNotFoundError:
+        return {"format_version": FORMAT_VERSION, "models": {}}
+    return data
+
+
+def available_qualities(weights_dir: Path = WEIGHTS_DIR) -> list[int]:
+    """Qualities with installed weights, ascending."""
+    return sorted(int(q) for q in _manifest(weights_dir).get("models", {}))
+
+
+def check_model(model_info: Mapping[str, Any], weights_dir: Path = WEIGHTS_DIR) -> None:
+    """Raise ``MissingModel`` unless the weights named by ``model_info`` are installed.
+
+    ``model_info`` is what :attr:`NeuralCodec.model_info` returned when the file
+    was written; the weights are matched by SHA-256, never by position.
+    """
+    sha = str(model_info.get("weights_sha256", ""))
+    arch = model_info.get("architecture", "?")
+    quality = model_info.get("quality", "?")
+    version = model_info.get("format_version")
+    label = f"neural model {arch!s} quality {quality!s} (weights sha256 {sha[:16]}...)"
+    if version != FORMAT_VERSION:
+        raise MissingModel(f"{label}: bitstream format version {version!r} not supported (have {FORMAT_VERSION})")
+    for q, entry in _manifest(weights_dir).get("models", {}).items():
+        if entry.get("sha256") == sha:
+            if not (weights_dir / entry["file"]).is_file():
+                raise MissingModel(f"{label}: manifest lists {entry['file']} but the file is not installed")
+            if str(q) != str(quality) or entry.get("architecture") != arch:
+                raise MissingModel(f"{label}: installed weights with that digest are {entry.get('architecture')} q{q}")
+            return
+    installed = ", ".join(f"q{q}={e['sha256'][:12]}" for q, e in _manifest(weights_dir).get("models", {}).items())
+    raise MissingModel(f"{label} is not installed (installed: {installed or 'none'})")
+
+
+def parse_header(data: bytes) -> tuple[int, bytes, int, int, int, int, bytes]:
+    """Validate a tile's header; returns (quality, tag, H, W, h, w, payload). Raises ``CorruptTile``."""
+    if len(data) <= _HEADER.size:
+        raise CorruptTile(f"neural: tile of {len(data)} bytes is too short")
+    magic, version, quality, tag, height, width, lh, lw, crc = _HEADER.unpack_from(data)
+    if magic != _MAGIC:
+        raise CorruptTile("neural: bad magic (not a neural tile)")
+    if version != FORMAT_VERSION:
+        raise CorruptTile(f"neural: unsupported bitstream version {version}")
+    if not (1 <= height <= MAX_TILE_SIDE and 1 <= width <= MAX_TILE_SIDE):
+        raise CorruptTile(f"neural: tile size {height}x{width} out of range")
+    if lh != math.ceil(height / _STRIDE) or lw != math.ceil(width / _STRIDE):
+        raise CorruptTile(f"neural: latent shape {lh}x{lw} does not match tile {height}x{width}")
+    payload = bytes(data[_HEADER.size :])
+    if zlib.crc32(payload) != crc:
+        raise CorruptTile("neural: payload checksum mismatch (truncated or damaged tile)")
+    return quality, tag, height, width, lh, lw, payload
+
+
+def save_weights(
+    model: Any, *, name: str, quality: int, weights_dir: Path = WEIGHTS_DIR, meta: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """Write ``model`` (a registered architecture) as ``<name>.pt`` and list it in the manifest.
+
+    Computes the entropy model's CDF tables here (``update(force=True,
+    update_quantiles=True)``) and snaps the synthesis onto its exact grid, so the
+    server only loads.  The analysis is stored in float16 (encoding needs no
+    bit-exactness); synthesis and entropy model stay float32/int32.  Returns the
+    manifest entry.
+    """
+    import torch
+
+    from .models.factorized import quantize_weights_
+
+    model.eval()
+    with torch.no_grad():
+        model.entropy_bottleneck.update(force=True, update_quantiles=True)
+    quantize_weights_(model)
+    state = {
+        k: v.half() if k.startswith("g_a.") and v.is_floating_point() else v.detach().clone()
+        for k, v in model.state_dict().items()
+    }
+    architecture = next(a for a, cls in _architectures().items() if type(model) is cls)
+    payload = {
+        "format": FORMAT_VERSION,
+        "architecture": architecture,
+        "args": dict(model.config),
+        "quality": int(quality),
+        "state_dict": state,
+    }
+    weights_dir.mkdir(parents=True, exist_ok=True)
+    out = weights_dir / f"{name}.pt"
+    tmp = out.with_suffix(".tmp")
+    torch.save(payload, tmp)
+    tmp.replace(out)
+    entry: dict[str, Any] = {
+        "file": out.name,
+        "sha256": hashlib.sha256(out.read_bytes()).hexdigest(),
+        "architecture": architecture,
+        "args": dict(model.config),
+        **(meta or {}),
+    }
+    manifest = _manifest(weights_dir)
+    manifest["format_version"] = FORMAT_VERSION
+    manifest.setdefault("models", {})[str(int(quality))] = entry
+    manifest["models"] = dict(sorted(manifest["models"].items(), key=lambda kv: int(kv[0])))
+    tmp_manifest = weights_dir / "manifest.json.tmp"
+    tmp_manifest.write_text(json.dumps(manifest, indent=2) + "\n")
+    tmp_manifest.replace(weights_dir / "manifest.json")
+    return entry
+
+
+def _architectures() -> dict[str, Any]:
+    from .models import ARCHITECTURES
+
+    return dict(ARCHITECTURES)
+
+
+class _Model:
+    """Loaded weights plus everything decoding needs, prepared once."""
+
+    def __init__(self, path: Path, device: str) -> None:
+        import torch
+
+        from .models import build
+        from .models.factorized import FactorizedPS
+
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+        model: FactorizedPS = build(payload["architecture"], **payload["args"])
+        state = {k: v.float() if v.is_floating_point() else v for k, v in payload["state_dict"].items()}
+        eb = model.entropy_bottleneck
+        for name in ("_quantized_cdf", "_offset", "_cdf_length"):
+            setattr(eb, name, state[f"entropy_bottleneck.{name}"].clone())
+        model.load_state_dict(state)
+        model.eval()
+        self.device = torch.device(device)
+        self.model = model.to(self.device)
+        self.M = model.M
+        # Python lists for the rANS coder, converted once (CompressAI converts per call).
+        self.cdfs: list[list[int]] = eb._quantized_cdf.tolist()
+        self.cdf_lengths: list[int] = eb._cdf_length.reshape(-1).int().tolist()
+        self.offsets: list[int] = eb._offset.reshape(-1).int().tolist()
+        self.medians = eb.quantiles[:, 0, 1].detach().double().cpu()
+        self.layers = [(w.to(self.device), b.to(self.device)) for w, b in model.synthesis_layers()]
+        self._indexes: dict[tuple[int, int], list[int]] = {}
+
+    def indexes(self, h: int, w: int) -> list[int]:
+        key = (h, w)
+        idx = self._indexes.get(key)
+        if idx is None:
+            idx = np.repeat(np.arange(self.M, dtype=np.int32), h * w).tolist()
+            self._indexes[key] = idx
+        return idx
+
+
+@register("neural")
+class NeuralCodec:
+    """Learned tile codec; ``quality`` 1..N picks one of the shipped models.
+
+    ``device`` is ``"auto"`` (CUDA when available, resolved at first use),
+    ``"cpu"`` or ``"cuda"``.  ``threads`` sets torch's CPU thread count at load
+    (process-wide); ``None`` leaves it alone.  ``synthesis_batch`` caps the
+    tiles per synthesis pass (default: ``CPU_SYNTHESIS_BATCH`` on CPU, the whole
+    batch on CUDA); it changes speed only, never pixels.
+    """
+
+    name = "neural"
+    tiff_compression = TIFF_NEURAL
+
+    def __init__(
+        self,
+        quality: int = 3,
+        *,
+        device: str = "cpu",
+        threads: int | None = None,
+        synthesis_batch: int | None = None,
+        weights_dir: Path | None = None,
+    ) -> None:
+        self.weights_dir = Path(weights_dir) if weights_dir is not None else WEIGHTS_DIR
+        models = _manifest(self.weights_dir).get("models", {})
+        if str(quality) not in models or isinstance(quality, bool):
+            have = ", ".join(str(q) for q in available_qualities(self.weights_dir)) or "none installed"
+            raise ValueError(f"neural quality must be one of {have}; got {quality!r}")
+        if device not in ("auto", "cpu", "cuda") and not device.startswith("cuda:"):
+            raise ValueError(f"neural device must be 'auto', 'cpu' or 'cuda', got {device!r}")
+        self.quality = int(quality)
+        self.params: dict[str, Any] = {"quality": self.quality}
+        self._entry: dict[str, Any] = models[str(quality)]
+        self._device = device
+        self._threads = threads
+        if synthesis_batch is not None and synthesis_batch < 1:
+            raise ValueError(f"synthesis_batch must be >= 1, got {synthesis_batch}")
+        self._synthesis_batch = synthesis_batch
+        self._tag = bytes.fromhex(self._entry["sha256"])[:4]
+        self.model_info: dict[str, Any] = {
+            "architecture": self._entry["architecture"],
+            "quality": self.quality,
+            "weights_sha256": self._entry["sha256"],
+            "format_version": FORMAT_VERSION,
+        }
+        self._lock = threading.Lock()
+        self._model: _Model | None = None
+
+    def __repr__(self) -> str:
+        return f"NeuralCodec(quality={self.quality}, device={self._device!r})"
+
+    @property
+    def device(self) -> str:
+        """The configured device (``auto`` until the model is loaded)."""
+        return str(self._model.device) if self._model is not None else self._device
+
+    def load(self) -> None:
+        """Load the weights now (otherwise the first encode/decode does); raises ``MissingModel``."""
+        self._load()
+
+    def _load(self) -> _Model:
+        model = self._model
+        if model is not None:
+            return model
+        with self._lock:
+            if self._model is None:
+                import torch
+
+                if self._threads is not None:
+                    torch.set_num_threads(self._threads)
+                device = self._device
+                if device == "auto":
+                    device = "cuda" if torch.cuda.is_available() else "cpu"
+                path = self.weights_dir / self._entry["file"]
+                if not path.is_file():
+                    raise MissingModel(f"neural q{self.quality}: weights file {path.name} is not installed")
+                digest = hashlib.sha256(path.read_bytes()).hexdigest()
+                if digest != self._entry["sha256"]:
+                    raise MissingModel(f"neural q{self.quality}: {path.name} does not match its manifest digest")
+                self._model = _Model(path, device)
+            return self._model
+
+    # -- encoding ------------------------------------------------------------------------
+    def encode(self, tile: Tile) -> bytes:
+        """Code one ``H x W x 3`` uint8 tile (``1 <= H, W <= MAX_TILE_SIDE``)."""
+        return self.encode_batch([tile])[0]
+
+    def encode_batch(self, tiles: Sequence[Tile]) -> list[bytes]:
+        """Code many tiles; same-shape tiles share one analysis forward pass."""
+        import torch
+
+        m = self._load()  # imports compressai (quietly) before we import from it
+        from compressai.ans import RansEncoder
+
+        arrays = [_check_tile(t) for t in tiles]
+        out: list[bytes] = [b""] * len(arrays)
+        groups: dict[tuple[int, int], list[int]] = {}
+        for i, a in enumerate(arrays):
+            groups.setdefault(a.shape[:2], []).append(i)
+        encoder = RansEncoder()
+        with torch.inference_mode():
+            for (height, width), idx in groups.items():
+                ph, pw = (-height) % _STRIDE, (-width) % _STRIDE
+                x = torch.from_numpy(np.stack([arrays[i] for i in idx])).to(m.device)
+                x = x.permute(0, 3, 1, 2).float().div_(255.0)
+                if ph or pw:
+                    # Edge replication codes cheaper than zeros and is cropped away on decode.
+                    x = torch.nn.functional.pad(x, (0, pw, 0, ph), mode="replicate")
+                y = m.model.g_a(x).double().cpu()
+                symbols = torch.round(y - m.medians[None, :, None, None]).to(torch.int32)
+                lh, lw = symbols.shape[2:]
+                indexes = m.indexes(lh, lw)
+                for j, i in enumerate(idx):
+                    payload = encoder.encode_with_indexes(
+                        symbols[j].reshape(-1).tolist(), indexes, m.cdfs, m.cdf_lengths, m.offsets
+                    )
+                    header = _HEADER.pack(
+                        _MAGIC, FORMAT_VERSION, self.quality, self._tag, height, width, lh, lw, zlib.crc32(payload)
+                    )
+                    out[i] = header + payload
+        return out
+
+    # -- decoding ------------------------------------------------------------------------
+    def decode(self, data: bytes) -> Tile:
+        """Decode one tile; raises ``CorruptTile`` on bad input."""
+        result = self.decode_batch([data])[0]
+        if isinstance(result, CorruptTile):
+            raise result
+        return result
+
+    def _latent(self, m: _Model, data: bytes) -> tuple[Any, int, int]:
+        from compressai.ans import RansDecoder
+
+        quality, tag, height, width, lh, lw, payload = parse_header(data)
+        if quality != self.quality or tag != self._tag:
+            raise CorruptTile(
+                f"neural: tile was coded by model q{quality} ({tag.hex()}), not q{self.quality} ({self._tag.hex()})"
+            )
+        n = m.M * lh * lw
+        # Zero padding bounds what a crafted stream can make the unchecked rANS decoder read.
+        padded = payload + bytes(4 * n + 64)
+        values = RansDecoder().decode_with_indexes(padded, m.indexes(lh, lw), m.cdfs, m.cdf_lengths, m.offsets)
+        if len(values) != n:
+            raise CorruptTile("neural: entropy decoder returned the wrong number of symbols")
+        return np.asarray(values, dtype=np.float64).reshape(m.M, lh, lw), height, width
+
+    def decode_batch(self, blobs: Sequence[bytes]) -> list[Tile | CorruptTile]:
+        """Decode many tiles: entropy decoding per tile, one synthesis pass per latent shape.
+
+        A bad blob yields its ``CorruptTile`` in its slot; the others decode normally.
+        """
+        import torch
+
+        from .models.factorized import synthesize_exact
+
+        m = self._load()
+        out: list[Tile | CorruptTile] = [CorruptTile("neural: not decoded")] * len(blobs)
+        groups: dict[tuple[int, int], list[tuple[int, Any, int, int]]] = {}
+        for i, blob in enumerate(blobs):
+            try:
+                latent, height, width = self._latent(m, bytes(blob))
+            except CorruptTile as exc:
+                out[i] = exc
+                continue
+            groups.setdefault(latent.shape[1:], []).append((i, latent, height, width))
+        chunk = self._synthesis_batch or (CPU_SYNTHESIS_BATCH if m.device.type == "cpu" else len(blobs))
+        with torch.inference_mode():
+            for group in groups.values():
+                for start in range(0, len(group), chunk):
+                    items = group[start : start + chunk]
+                    y = torch.from_numpy(np.stack([it[1] for it in items])) + m.medians[None, :, None, None]
+                    pixels = synthesize_exact(m.layers, y.to(m.device)).permute(0, 2, 3, 1).cpu().numpy()
+                    for (i, _, height, width), px in zip(items, pixels, strict=True):
+                        out[i] = np.ascontiguousarray(px[:height, :width])
+        return out
+
+
+def _check_tile(tile: Tile) -> Any:
+    arr = np.ascontiguousarray(tile)
+    if arr.dtype != np.uint8 or arr.ndim != 3 or arr.shape[2] != 3:
+        raise ValueError(f"tile must be HxWx3 uint8, got {arr.shape} {arr.dtype}")
+    if not (1 <= arr.shape[0] <= MAX_TILE_SIDE and 1 <= arr.shape[1] <= MAX_TILE_SIDE):
+        raise ValueError(f"tile sides must be 1..{MAX_TILE_SIDE}, got {arr.shape[:2]}")
+    return arr

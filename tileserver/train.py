@@ -1,0 +1,441 @@
+"""Train, resume and export the neural tile codec's models.
+
+Usage::
+
+    python -m tileserver.train tileserver/codecs/configs/q3.toml            # train (resumes from ckpt)
+    python -m tileserver.train tileserver/codecs/configs/q3.toml --until 11:20   # stop at 11:20 UTC
+    python -m tileserver.train tileserver/codecs/configs/q3.toml --export   # write package weights
+
+A config (TOML) names the architecture and its arguments, the rate–distortion
+trade-off ``lambda`` (loss = lambda * 255^2 * MSE + bits per pixel), crop size,
+batch, steps, learning rate schedule, the training sources (globs under the
+shared data directory; ``.svs`` and other slides are read at level 0 through
+OpenSlide) and the held-out evaluation files, which are never trained on.
+``init`` optionally names another config whose checkpoint seeds this one
+(qualities are fine-tuned from a base model).  The run directory
+``runs/<name>/`` holds ``train.log`` and the resumable ``ckpt.pt``.
+
+Export calls ``EntropyBottleneck.update(force=True, update_quantiles=True)`` so
+the CDF tables are computed once and stored with the weights; the server only
+loads them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import glob
+import math
+import os
+import sys
+import time
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+__all__ = ["TrainConfig", "add_cli", "evaluate", "export", "load_config", "main", "train"]
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_DATA = REPO.parent / "shared" / "data"
+WEIGHTS_DIR = Path(__file__).resolve().parent / "codecs" / "weights"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """One model's training recipe (see the module docstring)."""
+
+    name: str
+    quality: int
+    architecture: str
+    arch: dict[str, Any]
+    lmbda: float
+    crop: int
+    batch: int
+    steps: int
+    lr: float
+    lr_milestones: list[int] = field(default_factory=list)
+    lr_gamma: float = 0.1
+    aux_lr: float = 1e-3
+    sources: list[str] = field(default_factory=list)
+    eval_files: list[str] = field(default_factory=list)
+    exclude_rows: dict[str, int] = field(default_factory=dict)
+    init: str | None = None
+    seed: int = 0
+    eval_every: int = 1000
+    ckpt_every: int = 250
+    log_every: int = 100
+    path: Path = Path()
+
+    @property
+    def run_dir(self) -> Path:
+        return REPO / "runs" / self.name
+
+
+def load_config(path: str | Path) -> TrainConfig:
+    """Read a TOML training config; raises ``ConfigError`` on unknown or missing keys."""
+    from .errors import ConfigError
+
+    p = Path(path)
+    with p.open("rb") as f:
+        raw = tomllib.load(f)
+    train = raw.get("train", {})
+    data = raw.get("data", {})
+    model = raw.get("model", {})
+    try:
+        return TrainConfig(
+            name=str(raw["name"]),
+            quality=int(raw["quality"]),
+            architecture=str(model["architecture"]),
+            arch=dict(model.get("args", {})),
+            lmbda=float(train["lambda"]),
+            crop=int(train["crop"]),
+            batch=int(train["batch"]),
+            steps=int(train["steps"]),
+            lr=float(train["lr"]),
+            lr_milestones=[int(m) for m in train.get("lr_milestones", [])],
+            lr_gamma=float(train.get("lr_gamma", 0.1)),
+            aux_lr=float(train.get("aux_lr", 1e-3)),
+            sources=list(data["sources"]),
+            eval_files=list(data["eval"]),
+            exclude_rows={str(k): int(v) for k, v in data.get("exclude_rows", {}).items()},
+            init=raw.get("init"),
+            seed=int(train.get("seed", 0)),
+            eval_every=int(train.get("eval_every", 1000)),
+            ckpt_every=int(train.get("ckpt_every", 250)),
+            log_every=int(train.get("log_every", 100)),
+            path=p,
+        )
+    except KeyError as exc:
+        raise ConfigError(f"{p}: missing key {exc}") from None
+
+
+# -- data ----------------------------------------------------------------------------------
+
+
+def _read_rgb(path: Path) -> npt.NDArray[np.uint8]:
+    if path.suffix.lower() in (".svs", ".ndpi", ".tif", ".tiff", ".mrxs", ".scn") and path.stat().st_size > 1 << 20:
+        import openslide
+
+        with openslide.OpenSlide(str(path)) as slide:
+            w, h = slide.dimensions
+            return np.asarray(slide.read_region((0, 0), 0, (w, h)).convert("RGB"))
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return np.asarray(im.convert("RGB"))
+
+
+def _expand(data_dir: Path, patterns: list[str]) -> list[Path]:
+    out: list[Path] = []
+    for pat in patterns:
+        out.extend(Path(p) for p in sorted(glob.glob(str(data_dir / pat))))
+    return out
+
+
+def load_images(cfg: TrainConfig, data_dir: Path) -> tuple[list[npt.NDArray[np.uint8]], list[Path]]:
+    """Training images (evaluation files removed, ``exclude_rows`` cut off the bottom)."""
+    held_out = {p.resolve() for p in _expand(data_dir, cfg.eval_files)}
+    images, paths = [], []
+    for p in _expand(data_dir, cfg.sources):
+        if p.resolve() in held_out:
+            continue
+        img = _read_rgb(p)
+        for pat, rows in cfg.exclude_rows.items():
+            if p.match(pat):
+                img = img[: img.shape[0] - rows]
+        if min(img.shape[:2]) >= cfg.crop:
+            images.append(img)
+            paths.append(p)
+    if not images:
+        raise SystemExit(f"no training images found for {cfg.sources} under {data_dir}")
+    return images, paths
+
+
+def eval_tiles(cfg: TrainConfig, data_dir: Path, size: int = 256, limit: int = 24) -> list[npt.NDArray[np.uint8]]:
+    """Non-overlapping tiles (at most ``size``) from the held-out files, tissue only."""
+    tiles: list[npt.NDArray[np.uint8]] = []
+    for pat, rows in [(p, 0) for p in cfg.eval_files] + [(k, v) for k, v in cfg.exclude_rows.items()]:
+        for p in _expand(data_dir, [pat]):
+            img = _read_rgb(p)
+            if rows:
+                img = img[img.shape[0] - rows :]
+            h, w = img.shape[:2]
+            for y in range(0, max(h - size, 0) + 1, size):
+                for x in range(0, max(w - size, 0) + 1, size):
+                    t = img[y : y + size, x : x + size]
+                    if t.mean() < 225:  # skip glass
+                        tiles.append(np.ascontiguousarray(t))
+    # Deterministic, spread across files.
+    step = max(1, len(tiles) // limit)
+    return tiles[::step][:limit]
+
+
+class CropSampler:
+    """Random crops with flips and 90° rotations, images weighted by area; mostly tissue."""
+
+    def __init__(self, images: list[npt.NDArray[np.uint8]], crop: int, seed: int) -> None:
+        self.images = images
+        self.crop = crop
+        self.rng = np.random.default_rng(seed)
+        area = np.array([img.shape[0] * img.shape[1] for img in images], dtype=float)
+        self.p = np.sqrt(area) / np.sqrt(area).sum()
+
+    def one(self) -> npt.NDArray[np.uint8]:
+        for _ in range(8):
+            img = self.images[self.rng.choice(len(self.images), p=self.p)]
+            y = self.rng.integers(0, img.shape[0] - self.crop + 1)
+            x = self.rng.integers(0, img.shape[1] - self.crop + 1)
+            c = img[y : y + self.crop, x : x + self.crop]
+            if c.mean() < 230 or self.rng.random() < 0.1:  # keep some glass, mostly tissue
+                break
+        c = np.rot90(c, self.rng.integers(4))
+        if self.rng.random() < 0.5:
+            c = c[:, ::-1]
+        return c
+
+    def batch(self, n: int) -> npt.NDArray[np.uint8]:
+        return np.stack([self.one() for _ in range(n)])
+
+
+# -- training ------------------------------------------------------------------------------
+
+
+def _log(cfg: TrainConfig, msg: str) -> None:
+    line = f"{dt.datetime.now(dt.UTC).strftime('%H:%M:%S')} {msg}"
+    print(line, flush=True)
+    cfg.run_dir.mkdir(parents=True, exist_ok=True)
+    with (cfg.run_dir / "train.log").open("a") as f:
+        f.write(line + "\n")
+
+
+def _set_eb_buffers(model: Any, state: dict[str, Any]) -> None:
+    # EntropyBottleneck's CDF buffers start empty; resize them so load_state_dict accepts saved tables.
+    eb = model.entropy_bottleneck
+    for name in ("_quantized_cdf", "_offset", "_cdf_length"):
+        key = f"entropy_bottleneck.{name}"
+        if key in state:
+            setattr(eb, name, state[key].clone())
+
+
+def evaluate(model: Any, tiles: list[npt.NDArray[np.uint8]]) -> dict[str, float]:
+    """Mean bpp (from likelihoods, hard rounding), PSNR and SSIM over ``tiles``."""
+    import torch
+    from pytorch_msssim import ssim
+
+    bpps, psnrs, ssims = [], [], []
+    was_training = model.training
+    model.eval()
+    with torch.inference_mode():
+        for t in tiles:
+            x = torch.from_numpy(np.array(t)).permute(2, 0, 1)[None].float() / 255.0
+            h, w = x.shape[2:]
+            ph, pw = (-h) % 16, (-w) % 16
+            xp = torch.nn.functional.pad(x, (0, pw, 0, ph), mode="replicate")
+            out = model(xp)
+            bits = -torch.log2(out["likelihoods"]).sum().item()
+            x_hat = torch.round(out["x_hat"][:, :, :h, :w].clamp(0, 1) * 255.0)
+            ref = x * 255.0
+            mse = torch.mean((x_hat - ref) ** 2).item()
+            bpps.append(bits / (h * w))
+            psnrs.append(10 * math.log10(255.0**2 / max(mse, 1e-10)))
+            ssims.append(float(ssim(x_hat, ref, data_range=255, size_average=True)))
+    model.train(was_training)
+    return {"bpp": float(np.mean(bpps)), "psnr": float(np.mean(psnrs)), "ssim": float(np.mean(ssims))}
+
+
+def _lr_at(cfg: TrainConfig, step: int) -> float:
+    return cfg.lr * cfg.lr_gamma ** sum(step >= m for m in cfg.lr_milestones)
+
+
+def train(cfg: TrainConfig, *, data_dir: Path, until: dt.datetime | None, threads: int, device: str) -> int:
+    """Train (or resume) ``cfg`` until ``cfg.steps`` or ``until``; returns the step reached."""
+    import torch
+
+    from .codecs.models import build
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(cfg.seed)
+    model = build(cfg.architecture, **cfg.arch).to(device)
+    params = [p for n, p in model.named_parameters() if not n.endswith(".quantiles")]
+    aux_params = [p for n, p in model.named_parameters() if n.endswith(".quantiles")]
+    opt = torch.optim.Adam(params, lr=cfg.lr)
+    aux_opt = torch.optim.Adam(aux_params, lr=cfg.aux_lr)
+    ckpt_path = cfg.run_dir / "ckpt.pt"
+    step, wall = 0, 0.0
+    if ckpt_path.exists():
+        ck = torch.load(ckpt_path, map_location=device, weights_only=False)
+        _set_eb_buffers(model, ck["model"])
+        model.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["opt"])
+        aux_opt.load_state_dict(ck["aux_opt"])
+        step, wall = int(ck["step"]), float(ck.get("wall", 0.0))
+        _log(cfg, f"resumed {cfg.name} at step {step} ({wall / 60:.1f} min so far)")
+    elif cfg.init:
+        base = load_config(Path(cfg.init) if Path(cfg.init).is_absolute() else cfg.path.parent / cfg.init)
+        ck = torch.load(base.run_dir / "ckpt.pt", map_location=device, weights_only=False)
+        _set_eb_buffers(model, ck["model"])
+        model.load_state_dict(ck["model"])
+        _log(cfg, f"initialised {cfg.name} from {base.name} step {ck['step']}")
+    images, _ = load_images(cfg, data_dir)
+    tiles = eval_tiles(cfg, data_dir)
+    _log(
+        cfg,
+        f"{cfg.name}: lambda={cfg.lmbda} crop={cfg.crop} batch={cfg.batch} "
+        f"{len(images)} images, {len(tiles)} eval tiles",
+    )
+    sampler = CropSampler(images, cfg.crop, cfg.seed + step)
+
+    def save() -> None:
+        tmp = ckpt_path.with_suffix(".tmp")
+        torch.save(
+            {
+                "model": model.state_dict(),
+                "opt": opt.state_dict(),
+                "aux_opt": aux_opt.state_dict(),
+                "step": step,
+                "wall": wall,
+                "config": str(cfg.path),
+            },
+            tmp,
+        )
+        os.replace(tmp, ckpt_path)
+
+    model.train()
+    acc = {"loss": 0.0, "bpp": 0.0, "mse": 0.0, "n": 0}
+    t_last = time.perf_counter()
+    while step < cfg.steps:
+        if until is not None and dt.datetime.now(dt.UTC) >= until:
+            _log(cfg, f"deadline reached at step {step}")
+            break
+        for g in opt.param_groups:
+            g["lr"] = _lr_at(cfg, step)
+        x = torch.from_numpy(sampler.batch(cfg.batch)).to(device).permute(0, 3, 1, 2).float() / 255.0
+        out = model(x)
+        n_pix = x.shape[0] * x.shape[2] * x.shape[3]
+        bpp = torch.log(out["likelihoods"]).sum() / (-math.log(2) * n_pix)
+        mse = torch.mean((out["x_hat"] - x) ** 2)
+        loss = cfg.lmbda * 255.0**2 * mse + bpp
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        aux = model.aux_loss()
+        aux_opt.zero_grad(set_to_none=True)
+        aux.backward()
+        aux_opt.step()
+        step += 1
+        acc["loss"] += loss.item()
+        acc["bpp"] += bpp.item()
+        acc["mse"] += mse.item()
+        acc["n"] += 1
+        now = time.perf_counter()
+        wall += now - t_last
+        t_last = now
+        if step % cfg.log_every == 0:
+            n = acc["n"]
+            psnr = 10 * math.log10(1.0 / max(acc["mse"] / n, 1e-10))
+            _log(
+                cfg,
+                f"step {step} loss {acc['loss'] / n:.4f} bpp {acc['bpp'] / n:.4f} psnr {psnr:.2f} "
+                f"aux {aux.item():.1f} lr {_lr_at(cfg, step):.1e} {wall / step:.3f}s/step",
+            )
+            acc = {"loss": 0.0, "bpp": 0.0, "mse": 0.0, "n": 0}
+        if step % cfg.ckpt_every == 0:
+            save()
+        if step % cfg.eval_every == 0 and tiles:
+            # Snap the quantiles to the learned density (as export does) so this
+            # evaluation measures what would be shipped; the aux loss alone lags.
+            with torch.no_grad():
+                model.entropy_bottleneck.update(force=True, update_quantiles=True)
+            m = evaluate(model, tiles)
+            _log(cfg, f"eval step {step} bpp {m['bpp']:.4f} psnr {m['psnr']:.2f} ssim {m['ssim']:.4f}")
+            t_last = time.perf_counter()  # evaluation time is not training time
+    save()
+    _log(cfg, f"stopped at step {step}, {wall / 60:.1f} min training")
+    return step
+
+
+# -- export --------------------------------------------------------------------------------
+
+
+def export(cfg: TrainConfig, *, data_dir: Path, weights_dir: Path = WEIGHTS_DIR) -> dict[str, Any]:
+    """Write ``weights/<name>.pt`` (CDF tables computed here) and update the manifest."""
+    import torch
+
+    from .codecs.models import build
+    from .codecs.neural import save_weights
+
+    ck = torch.load(cfg.run_dir / "ckpt.pt", map_location="cpu", weights_only=False)
+    model = build(cfg.architecture, **cfg.arch)
+    _set_eb_buffers(model, ck["model"])
+    model.load_state_dict(ck["model"])
+    meta: dict[str, Any] = {
+        "lambda": cfg.lmbda,
+        "config": str(cfg.path.resolve().relative_to(REPO))
+        if cfg.path.resolve().is_relative_to(REPO)
+        else str(cfg.path),
+        "steps": int(ck["step"]),
+        "train_minutes": round(float(ck.get("wall", 0.0)) / 60, 1),
+    }
+    entry = save_weights(model, name=cfg.name, quality=cfg.quality, weights_dir=weights_dir, meta=meta)
+    # Evaluate what was exported (CDFs updated, synthesis on its grid), then record it.
+    metrics = evaluate(model, eval_tiles(cfg, data_dir))
+    entry = save_weights(
+        model,
+        name=cfg.name,
+        quality=cfg.quality,
+        weights_dir=weights_dir,
+        meta={**meta, "eval": {k: round(v, 4) for k, v in metrics.items()}},
+    )
+    _log(cfg, f"exported {cfg.name}.pt sha256 {entry['sha256'][:12]} eval {entry['eval']}")
+    return entry
+
+
+def _parse_until(s: str | None) -> dt.datetime | None:
+    if s is None:
+        return None
+    hh, mm = (int(v) for v in s.split(":"))
+    now = dt.datetime.now(dt.UTC)
+    t = now.replace(hour=hh, minute=mm, second=0, microsecond=0)
+    return t if t > now else t + dt.timedelta(days=1)
+
+
+def _add_arguments(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("config", nargs="+", help="TOML config(s); several run one after another")
+    ap.add_argument("--export", action="store_true", help="export package weights from the checkpoint")
+    ap.add_argument("--until", help="stop training at this UTC time HH:MM (checkpoint kept)")
+    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda")
+    ap.add_argument("--data", type=Path, default=Path(os.environ.get("TILESERVER_TEST_DATA", DEFAULT_DATA)))
+
+
+def _run(args: argparse.Namespace) -> int:
+    for path in args.config:
+        cfg = load_config(path)
+        if args.export:
+            export(cfg, data_dir=args.data)
+        else:
+            train(cfg, data_dir=args.data, until=_parse_until(args.until), threads=args.threads, device=args.device)
+    return 0
+
+
+def add_cli(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    """Add ``tileserver train CONFIG... [--export] [--until HH:MM]``."""
+    ap = subparsers.add_parser("train", help="train or export neural codec models", description=__doc__)
+    _add_arguments(ap)
+    ap.set_defaults(func=_run)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command-line entry point (``python -m tileserver.train``)."""
+    ap = argparse.ArgumentParser(prog="python -m tileserver.train", description=__doc__.split("\n\n")[0])
+    _add_arguments(ap)
+    return _run(ap.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
