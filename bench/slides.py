@@ -119,6 +119,7 @@ def run_slide(name: str, src: Path, rows: list[tuple[str, str, dict[str, Any], s
             progress=False,
             workers=2,
             quality_samples=10**9,  # measure every level-0 tissue tile
+            any_modality=True,  # measure the neural codec on fluorescence too, to show why convert refuses it
         )
         pyramid = sum(s.level_bytes)
         out["rows"].append(

@@ -437,3 +437,15 @@ def test_downsample_is_area_average() -> None:
     odd = np.arange(3 * 3 * 3, dtype=np.uint8).reshape(3, 3, 3)
     assert _downsample2(odd).shape == (2, 2, 3)
     np.testing.assert_array_equal(_downsample2(odd)[1, 1], odd[2, 2])  # edge replicated
+
+
+@pytest.mark.shared_data
+def test_neural_refuses_fluorescence_unless_told(tmp_path: Path) -> None:
+    """The shipped neural models never saw fluorescence (SSIM 0.20 measured): refuse, name the way out."""
+    from tests.conftest import NDPI
+
+    dst = tmp_path / "ndpi.tiff"
+    with pytest.raises(tileserver.ConversionError, match=r"fluorescence.*--any-modality"):
+        convert(NDPI, dst, codec="neural", quality=1, progress=False)
+    assert not dst.exists()
+    assert list(tmp_path.iterdir()) == []
