@@ -172,9 +172,9 @@ class WebpCodec(ClassicCodec):
         super().__init__(quality=int(quality), method=int(method))
 
     def _encode(self, tile: Tile) -> bytes:
-        return bytes(imagecodecs.webp_encode(
-                tile, level=self.params["quality"], lossless=False, method=self.params["method"]
-            ))
+        return bytes(
+            imagecodecs.webp_encode(tile, level=self.params["quality"], lossless=False, method=self.params["method"])
+        )
 
     def _decode(self, data: bytes) -> Any:
         return imagecodecs.webp_decode(data)
