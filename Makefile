@@ -9,7 +9,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 ASSETS := tileserver/static/vendor/openseadragon/openseadragon.min.js
 
-.PHONY: setup system-deps serve test lint typecheck pytest assets clean
+.PHONY: setup system-deps serve test lint typecheck pytest assets static clean
 
 setup: $(STAMP) $(ASSETS)
 
@@ -24,13 +24,15 @@ $(ASSETS): static/package.json static/package-lock.json static/build.sh
 	bash static/build.sh
 
 assets: $(ASSETS)
+static: $(ASSETS)
 
 # Browser and Prometheus integration tests need Debian's chromium, chromedriver and prometheus.
 system-deps:
 	@if command -v chromium >/dev/null && command -v chromedriver >/dev/null && command -v prometheus >/dev/null; then \
 		true; \
 	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver prometheus >/dev/null; \
+		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver prometheus >/dev/null; } \
+			|| echo "note: apt-get failed; browser and Prometheus tests will skip"; \
 	else \
 		echo "note: chromium/chromedriver/prometheus missing and cannot apt-get; browser and Prometheus tests will skip"; \
 	fi
@@ -38,11 +40,11 @@ system-deps:
 serve: setup
 	$(BIN)/tileserver serve $(SLIDES) --port $(PORT)
 
-lint: setup
+lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-typecheck: setup
+typecheck: $(STAMP)
 	$(BIN)/mypy
 
 pytest: setup system-deps

@@ -58,10 +58,10 @@ MB = 1024 * 1024
 #: added to an idle worker's RSS to make the fixed per-worker overhead (decode buffers, Python heaps)
 OVERHEAD_MARGIN_MB = 256
 #: OpenSlide's default cache per open slide, and our container reader's decoded-tile cache per open slide
-OPENSLIDE_CACHE = 32 * MB
+OPENSLIDE_CACHE = 64 * MB  # one cache shared by all OpenSlide slides of a worker (openslide_reader.py)
 REGION_CACHE = 64 * 256 * 256 * 3
 #: seconds after the kill in which failed requests are attributed to it
-KILL_WINDOW_S = 5.0
+KILL_WINDOW_S = 10.0
 
 
 def _free_port() -> int:
@@ -279,11 +279,11 @@ def soak(args: argparse.Namespace) -> dict[str, Any]:
         with server(folder, args.workers, args.threads, cache_bytes, log) as (url, master):
             tiles = [u for s in slides for u in tile_urls(url, s, args.levels)]
             idle_rss = _rss(_workers(master)) / args.workers
-            # The caches a worker may fill besides the tile cache, all bounded: OpenSlide keeps a
-            # 32 MiB cache per open slide, our container reader 64 decoded tiles per open slide.
+            # The caches a worker may fill besides the tile cache, all bounded: one OpenSlide cache
+            # shared by its OpenSlide slides, our container reader 64 decoded tiles per open slide.
             n_openslide = sum(not s.endswith(".tiff") for s in slides)
             n_container = len(slides) - n_openslide
-            slide_caches = n_openslide * OPENSLIDE_CACHE + n_container * REGION_CACHE
+            slide_caches = (OPENSLIDE_CACHE if n_openslide else 0) + n_container * REGION_CACHE
             overhead = idle_rss + slide_caches + OVERHEAD_MARGIN_MB * MB
             bound = args.workers * (cache_bytes + overhead)
             load = Load()

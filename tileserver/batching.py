@@ -164,13 +164,20 @@ class DecodeBatcher:
     def _dispatch(self, batch: list[_Request]) -> None:
         t0 = time.perf_counter()
         waits = [t0 - r.t_submit for r in batch]
-        results = self._call([r.blob for r in batch])
-        seconds = time.perf_counter() - t0
-        for req, res in zip(batch, results, strict=True):
-            if isinstance(res, BaseException):
-                req.future.set_exception(res)
-            else:
-                req.future.set_result(res)
+        try:
+            results = self._call([r.blob for r in batch])
+            seconds = time.perf_counter() - t0
+            for req, res in zip(batch, results, strict=True):
+                if isinstance(res, BaseException):
+                    req.future.set_exception(res)
+                else:
+                    req.future.set_result(res)
+        except BaseException as exc:
+            # Never leave a caller waiting on a future nobody will complete.
+            for req in batch:
+                if not req.future.done():
+                    req.future.set_exception(exc)
+            raise
         if self.observer is not None:
             try:
                 self.observer.on_batch(len(batch), seconds, waits)

@@ -41,6 +41,7 @@ from .slides import SlideReader, detect_format, open_slide
 __all__ = [
     "FORMATS",
     "MAX_READ_PIXELS",
+    "RESERVED_FOLDERS",
     "Decoder",
     "DecoderFactory",
     "NeuralDecoders",
@@ -71,6 +72,11 @@ def _check_read(l_size: tuple[int, int], level: int, what: str) -> None:
             f"{what} needs {l_size[0]} x {l_size[1]} pixels of slide level {level}, over the limit of "
             f"{MAX_READ_PIXELS} (the slide has no pyramid level near this scale)"
         )
+
+
+#: top-level folder names whose URLs belong to the viewer (``/view/...``, ``/static/...``):
+#: slides inside folders of these names at the top of the slides root are not served
+RESERVED_FOLDERS = frozenset({"view", "static"})
 
 
 def _is_temp(name: str) -> bool:
@@ -271,6 +277,8 @@ class TileService:
         parts = rel.replace("\\", "/").split("/")
         if not rel or rel.startswith("/") or "\x00" in rel or any(p in ("", ".", "..") or _is_temp(p) for p in parts):
             raise SlideNotFound(f"no slide {rel!r}")
+        if len(parts) > 1 and parts[0] in RESERVED_FOLDERS:
+            raise SlideNotFound(f"no slide {rel!r} (top-level folder {parts[0]!r} is reserved for the viewer)")
         try:
             path = (self.root / rel).resolve(strict=True)
         except (OSError, RuntimeError) as exc:
@@ -313,7 +321,9 @@ class TileService:
         found: list[str] = []
         for dirpath, dirnames, filenames in os.walk(self.root):
             here = Path(dirpath)
-            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+            dirnames[:] = sorted(
+                d for d in dirnames if not d.startswith(".") and not (here == self.root and d in RESERVED_FOLDERS)
+            )
             if here != self.root and any(f.lower().endswith(".dcm") for f in filenames):
                 if self._detect(here):
                     found.append(here.relative_to(self.root).as_posix())

@@ -246,7 +246,7 @@ def test_idle_and_slow_clients_do_not_block_others(tmp_path: Path) -> None:
     silent, trickling, threads = 40, 4, 2
     conns: list[socket.socket] = []
     timings: dict[str, float] = {}
-    env = {"TILESERVER_TIMEOUT": str(TRICKLE_TIMEOUT)}
+    env = {"TILESERVER_TIMEOUT": str(TRICKLE_TIMEOUT), "TILESERVER_PRELOAD_MODELS": "false"}
     with serve(SLIDES, tmp_path / "serve.log", workers=1, threads=threads, env=env) as (base, _):
         host, port = base.removeprefix("http://").split(":")
         try:

@@ -307,3 +307,20 @@ def test_json_access_log(caplog: pytest.LogCaptureFixture) -> None:
     assert records[-1]["source"] in ("openslide", "cache")
     assert "tile_ms" in records[-1]
     app.extensions["tileserver"].close()
+
+
+def test_reserved_top_level_folders_are_not_served(tmp_path: Path) -> None:
+    """/view/... and /static/... belong to the viewer: slides under such top-level folders are skipped."""
+
+    from tileserver.config import load_settings
+    from tileserver.server import create_app
+
+    for folder in ("view", "static", "lab"):
+        (tmp_path / folder).mkdir()
+        shutil.copy(FIXTURES / "small.svs", tmp_path / folder / "a.svs")
+    app = create_app(load_settings(slides_dir=str(tmp_path), preload_models=False))
+    client = app.test_client()
+    listed = {s["path"] for s in client.get("/slides.json").get_json()}
+    assert listed == {"lab/a.svs"}
+    assert client.get("/lab/a.svs.dzi").status_code == 200
+    assert client.get("/view/a.svs.dzi").status_code == 404

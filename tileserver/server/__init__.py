@@ -5,6 +5,7 @@ Only this package imports Flask.  Nothing is built at import time.
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import logging
 import time
@@ -54,11 +55,11 @@ def create_app(settings: Settings | None = None, *, service: TileService | None 
 
 
 def _build_info(settings: Settings) -> None:
+    # The installed version, read from package metadata: importing torch here would load it
+    # into every worker even when no neural slide is ever served.
     try:
-        import torch
-
-        torch_version = torch.__version__.split("+")[0]
-    except ImportError:  # pragma: no cover - torch is a dependency
+        torch_version = importlib.metadata.version("torch").split("+")[0]
+    except importlib.metadata.PackageNotFoundError:  # pragma: no cover - torch is a dependency
         torch_version = "none"
     metrics.get().build_info.labels(__version__, torch_version, settings.device).set(1)
 
