@@ -485,3 +485,18 @@ def test_unknown_codec_is_unsupported_format(tmp_path: Path) -> None:
     assert is_compressed_slide(path)
     with pytest.raises(UnsupportedFormat, match="mystery"):
         tileserver.open_slide(path)
+
+
+def test_associated_images_come_from_the_file_that_was_opened(tmp_path: Path) -> None:
+    """A slide replaced on disk (convert --force while serving) must not lend its IFDs to an open reader."""
+    path = tmp_path / "slide.tiff"
+    green = np.full((50, 80, 3), (10, 200, 30), np.uint8)
+    write_container(path, codecs.get("jpeg", quality=95), associated={"label": green})
+    with CompressedSlide(path) as s:
+        replacement = tmp_path / "other.tiff"
+        red = np.full((90, 40, 3), (200, 20, 20), np.uint8)
+        write_container(replacement, codecs.get("jpeg", quality=95), associated={"label": red, "macro": red})
+        os.replace(replacement, path)
+        label = np.asarray(s.associated_images["label"].convert("RGB"))
+        assert label.shape == (50, 80, 3)
+        assert abs(int(label[..., 1].mean()) - 200) < 10

@@ -8,8 +8,10 @@ then serves raw tile bytes with ``os.pread``, which is safe from many threads.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -195,6 +197,18 @@ class ContainerReader:
             raise CorruptTile(f"{self.path}: tile ({level}, {col}, {row}) is truncated")
         return data
 
+    @contextlib.contextmanager
+    def _tiff(self) -> Iterator[tifffile.TiffFile]:
+        """tifffile over the descriptor opened with the slide, not the path: a file replaced
+        on disk since must not lend its IFDs to this reader."""
+        fd = self._fd
+        if fd is None:
+            raise CorruptSlide(f"{self.path}: slide is closed")
+        with os.fdopen(os.dup(fd), "rb") as fh:
+            fh.seek(0)  # a dup shares the offset; tile reads use pread and never move it
+            with tifffile.TiffFile(fh, name=self.path.name) as tf:
+                yield tf
+
     def associated_image(self, name: str) -> npt.NDArray[np.uint8]:
         """Decode one associated image (``H x W x 3`` uint8).
 
@@ -211,7 +225,7 @@ class ContainerReader:
             )
         with self._assoc_lock:
             try:
-                with tifffile.TiffFile(self.path) as tf:
+                with self._tiff() as tf:
                     page = tf.pages[ifd]
                     if not isinstance(page, tifffile.TiffPage):
                         raise CorruptSlide(f"{self.path}: associated image {name!r} IFD {ifd} is not a page")
