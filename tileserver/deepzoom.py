@@ -86,6 +86,7 @@ class DeepZoom(DeepZoomGenerator):
         self.overlap = overlap
         self.limit_bounds = limit_bounds
         self.stored: StoredTiles | None = slide.stored_tiles()
+        self._dzi_cache: dict[tuple[str, bool], str] = {}
         # Deep Zoom level -> slide level whose stored tiles are exactly this level's tiles
         self._direct: dict[int, int] = {}
         if self.stored is not None:
@@ -155,7 +156,10 @@ class DeepZoom(DeepZoomGenerator):
 
     def tile_image(self, dz_level: int, t_col: int, t_row: int) -> Image.Image:
         """The tile as an RGB image, whatever its plan (the reference path, used by tests and tools)."""
-        plan = self.plan(dz_level, t_col, t_row)
+        return self.render(self.plan(dz_level, t_col, t_row), dz_level, t_col, t_row)
+
+    def render(self, plan: TilePlan, dz_level: int, t_col: int, t_row: int) -> Image.Image:
+        """Carry out ``plan`` (made by ``plan(dz_level, t_col, t_row)``) as an RGB image."""
         if isinstance(plan, GlassTile):
             return Image.new("RGB", plan.z_size, plan.color)
         if isinstance(plan, StoredTile):
@@ -200,7 +204,18 @@ class DeepZoom(DeepZoomGenerator):
         return out
 
     def dzi(self, fmt: str, *, display_rects: bool = True) -> str:
-        """The ``.dzi`` XML, with ``DisplayRects`` for tissue when known and ``display_rects``."""
+        """The ``.dzi`` XML, with ``DisplayRects`` for tissue when known and ``display_rects``.
+
+        Built once per format and kept: ``DisplayRects`` walks the whole level-0 tile index,
+        and this object lives as long as the open slide it describes.
+        """
+        key = (fmt, display_rects)
+        xml = self._dzi_cache.get(key)
+        if xml is None:
+            xml = self._dzi_cache.setdefault(key, self._build_dzi(fmt, display_rects))
+        return xml
+
+    def _build_dzi(self, fmt: str, display_rects: bool) -> str:
         image = Element(
             "Image", TileSize=str(self.tile_size), Overlap=str(self.overlap), Format=fmt, xmlns=DZI_NAMESPACE
         )

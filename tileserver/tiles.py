@@ -27,16 +27,15 @@ from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import quote
 
-import numpy as np
-import numpy.typing as npt
 from PIL import Image
 
 from . import metrics
 from .cache import FileIdentity, OpenSlideCache, TileCache, file_identity
 from .config import Settings
-from .deepzoom import DeepZoom, GlassTile, StoredTile
+from .deepzoom import DeepZoom, GlassTile, RegionTile
 from .errors import BadTileAddress, SlideNotFound, TileServerError
 from .slides import SlideReader, detect_format, open_slide
+from .slides.base import Decoder
 
 __all__ = [
     "FORMATS",
@@ -81,9 +80,6 @@ RESERVED_FOLDERS = frozenset({"view", "static"})
 
 def _is_temp(name: str) -> bool:
     return name.startswith(".") or name.endswith(_TEMP_SUFFIXES) or ".partial-" in name
-
-
-Decoder = Callable[[bytes], npt.NDArray[np.uint8]]
 
 
 class DecoderFactory(Protocol):
@@ -154,6 +150,7 @@ class NeuralDecoders:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self._batchers: dict[Hashable, Any] = {}
+        self._key_locks: dict[Hashable, threading.Lock] = {}
         self._lock = threading.Lock()
         self._loading = 0
 
@@ -186,19 +183,23 @@ class NeuralDecoders:
         key = (codec.name, tuple(sorted((k, repr(v)) for k, v in codec.params.items())))
         with self._lock:
             batcher = self._batchers.get(key)
-            if batcher is None:
-                self._loading += 1
+            key_lock = self._key_locks.setdefault(key, threading.Lock())
         if batcher is None:
-            try:
-                batcher = self._create(codec)
-            finally:
+            # One loader per model: concurrent first requests wait for it rather than each
+            # loading the weights and throwing all but one copy away.
+            with key_lock:
                 with self._lock:
-                    self._loading -= 1
-            with self._lock:
-                existing = self._batchers.setdefault(key, batcher)
-            if existing is not batcher:
-                batcher.close(drain=False)
-                batcher = existing
+                    batcher = self._batchers.get(key)
+                    if batcher is None:
+                        self._loading += 1
+                if batcher is None:
+                    try:
+                        batcher = self._create(codec)
+                    finally:
+                        with self._lock:
+                            self._loading -= 1
+                    with self._lock:
+                        self._batchers[key] = batcher
         decode: Decoder = batcher.decode
         return decode
 
@@ -448,15 +449,10 @@ class TileService:
         plan = dz.plan(dz_level, t_col, t_row)
         if isinstance(plan, GlassTile):
             return _blank_tile(plan.z_size, plan.color, fmt, quality), "glass"
-        source = "decode" if (dz.stored is not None or slide.codec is not None) else "openslide"
-        if isinstance(plan, StoredTile):
-            assert dz.stored is not None  # a StoredTile plan exists only with stored tiles
-            pixels = dz.stored.read_tile(plan.level, plan.s_col, plan.s_row)
-            image = Image.fromarray(np.ascontiguousarray(pixels[:, :, :3]), "RGB")
-        else:
+        if isinstance(plan, RegionTile):
             _check_read(plan.l_size, plan.level, f"tile {dz_level}/{t_col}_{t_row}")
-            image = dz.get_tile(dz_level, (t_col, t_row))
-        return encode_image(image, fmt, quality), source
+        source = "decode" if (dz.stored is not None or slide.codec is not None) else "openslide"
+        return encode_image(dz.render(plan, dz_level, t_col, t_row), fmt, quality), source
 
     # -- other slide data --------------------------------------------------
 

@@ -13,6 +13,7 @@ On top of OpenSlide's API a reader may expose its stored tile grid through
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
@@ -20,7 +21,10 @@ import numpy as np
 import numpy.typing as npt
 import openslide
 
-__all__ = ["SlideReader", "StoredTiles"]
+__all__ = ["Decoder", "SlideReader", "StoredTiles"]
+
+#: bytes of one stored tile -> its pixels (``H x W x 3`` uint8); how a reader's decodes can be rerouted
+Decoder = Callable[[bytes], npt.NDArray[np.uint8]]
 
 
 @runtime_checkable

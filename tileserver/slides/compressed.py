@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
@@ -30,11 +30,9 @@ from ..codecs.base import TileCodec
 from ..container.format import FORMAT_NAME, FORMAT_VERSION, LevelGeometry
 from ..container.reader import ContainerReader, is_container
 from ..errors import BadTileAddress, CorruptTile, MissingModel, UnsupportedFormat
-from .base import SlideReader, StoredTiles
+from .base import Decoder, SlideReader, StoredTiles
 
 __all__ = ["CompressedSlide", "is_compressed_slide"]
-
-Decoder = Callable[[bytes], npt.NDArray[np.uint8]]
 
 #: decoded tiles kept for read_region (Deep Zoom tiles straddle up to four stored tiles)
 _REGION_CACHE_TILES = 64
