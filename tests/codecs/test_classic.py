@@ -67,6 +67,7 @@ def test_jpeg_subsampling(tile: np.ndarray) -> None:
     s420 = codecs.get("jpeg", quality=90, subsampling="420").encode(tile)
     s444 = codecs.get("jpeg", quality=90, subsampling="444").encode(tile)
     assert len(s420) < len(s444)
+    assert codecs.get("jpeg", quality=90, subsampling=420).params["subsampling"] == "420"  # as --param gives it
     with pytest.raises(ValueError):
         codecs.get("jpeg", subsampling="422")
 

@@ -86,9 +86,10 @@ class JpegCodec(ClassicCodec):
     name = "jpeg"
     tiff_compression = TIFF_JPEG
 
-    def __init__(self, quality: int = 80, subsampling: str = "420") -> None:
+    def __init__(self, quality: int = 80, subsampling: str | int = "420") -> None:
         if not 1 <= int(quality) <= 100:
             raise ValueError(f"jpeg quality must be 1..100, got {quality}")
+        subsampling = str(subsampling)  # "--param subsampling=420" arrives as the number 420
         if subsampling not in ("420", "444"):
             raise ValueError(f"jpeg subsampling must be '420' or '444', got {subsampling!r}")
         super().__init__(quality=int(quality), subsampling=subsampling)
