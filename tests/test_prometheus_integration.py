@@ -21,7 +21,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -37,6 +36,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
+from tests.servers import free_port
 
 from .conftest import CMU
 
@@ -56,12 +57,6 @@ NEURAL_ONLY = ("tileserver_decode_seconds", "tileserver_decode_batch_size", "til
 
 
 # --------------------------------------------------------------------------- processes
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @contextlib.contextmanager

@@ -2,16 +2,9 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import signal
-import socket
-import subprocess
-import sys
 import threading
-import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +12,6 @@ import numpy as np
 import numpy.typing as npt
 import openslide
 import pytest
-import requests
 
 from tests.conftest import CMU
 
@@ -54,13 +46,6 @@ def record(section: str, numbers: dict[str, Any]) -> None:
         doc[section] = numbers
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
-
-
-def free_port() -> int:
-    """A TCP port free on the loopback interface now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def cmu_crop() -> Pixels:
@@ -124,37 +109,3 @@ def cmu_compressed(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("cmu") / "CMU-1-Small-Region.tiff"
     convert(CMU, out, codec="jpeg", glass="drop", progress=False, quality_samples=8)
     return out
-
-
-@contextlib.contextmanager
-def serve(
-    slides: Path, log: Path, *, workers: int = 2, threads: int = 4, env: dict[str, str] | None = None
-) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
-    """``tileserver serve`` (gunicorn) on a free loopback port; yields (base URL, master process)."""
-    port = free_port()
-    clean = {k: v for k, v in os.environ.items() if not k.startswith(("TILESERVER_", "PROMETHEUS_"))}
-    clean.update(env or {})
-    cmd = [sys.executable, "-m", "tileserver", "serve", str(slides), "--port", str(port)]
-    cmd += ["--workers", str(workers), "--threads", str(threads)]
-    with log.open("w") as out:
-        proc = subprocess.Popen(cmd, env=clean, cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if requests.get(base + "/readyz", timeout=5).ok:
-                    break
-            except requests.RequestException:
-                pass  # not listening yet, or a worker still importing
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"tileserver serve did not start:\n{log.read_text()}")
-            time.sleep(0.2)
-        yield base, proc
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()

@@ -17,6 +17,7 @@ import requests
 from PIL import Image
 
 from tests.conftest import FIXTURES, SLIDES
+from tests.servers import serve
 from tileserver.config import load_settings
 from tileserver.server import create_app
 from tileserver.server.gunicorn import TileServerApplication
@@ -24,7 +25,7 @@ from tileserver.slides import SlideReader, open_slide
 from tileserver.tiles import MAX_READ_PIXELS, TileService
 
 from ..server.conftest import make_settings
-from .conftest import record, serve
+from .conftest import record
 
 pytestmark = [pytest.mark.shared_data]
 

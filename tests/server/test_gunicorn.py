@@ -2,13 +2,7 @@
 
 from __future__ import annotations
 
-import os
 import re
-import signal
-import socket
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
@@ -16,49 +10,15 @@ import pytest
 import requests
 
 from tests.conftest import SLIDES
+from tests.servers import serve
 
 pytestmark = [pytest.mark.shared_data, pytest.mark.slow]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    port = _free_port()
-    log = tmp_path_factory.mktemp("serve") / "serve.log"
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("TILESERVER_", "PROMETHEUS_"))}
-    cmd = [sys.executable, "-m", "tileserver", "serve", str(SLIDES), "--workers", "2", "--threads", "4"]
-    with log.open("w") as out:
-        proc = subprocess.Popen(
-            [*cmd, "--port", str(port)],
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if requests.get(base + "/healthz", timeout=2).ok:
-                    break
-            except requests.RequestException:
-                pass  # not listening yet, or a worker still importing
-            if proc.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"tileserver serve did not start:\n{log.read_text()}")
-            time.sleep(0.2)
+    with serve(SLIDES, tmp_path_factory.mktemp("serve") / "serve.log", workers=2, threads=4) as (base, _):
         yield base
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 def _metric_sum(text: str, name: str, **labels: str) -> float:
