@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import psnr_batch, ssim_batch
 from _tiles import EvalTile, load_tiles
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -39,21 +40,6 @@ SWEEPS: dict[str, tuple[str, dict[str, Any], list[Any]]] = {
     "avif": ("avif", {"speed": 6}, [30, 45, 60, 70, 80, 90]),
 }
 TARGETS = (0.95, 0.97)
-
-
-def ssim_batch(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Per-tile SSIM as design §8 defines it."""
-    import torch
-    from pytorch_msssim import ssim
-
-    x = torch.from_numpy(a).permute(0, 3, 1, 2).double()
-    y = torch.from_numpy(b).permute(0, 3, 1, 2).double()
-    return np.asarray(ssim(x, y, data_range=255, size_average=False).numpy())
-
-
-def psnr_batch(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    mse = ((a.astype(np.float64) - b.astype(np.float64)) ** 2).reshape(len(a), -1).mean(axis=1)
-    return np.asarray(10 * np.log10(255.0**2 / np.maximum(mse, 1e-10)))
 
 
 def interp_bpp(points: list[dict[str, Any]], target: float, key: str = "ssim") -> float | None:

@@ -29,6 +29,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from _common import psnr_batch, ssim_batch
 from _tiles import load_tiles
 
 from tileserver import codecs
@@ -41,20 +42,6 @@ CLASSIC: list[tuple[str, dict[str, Any]]] = [
     ("jpeg2000", {"quality": 40}),
 ]
 BATCHES = (1, 4, 8, 16)
-
-
-def _ssim(a: np.ndarray, b: np.ndarray) -> float:
-    import torch
-    from pytorch_msssim import ssim
-
-    x = torch.from_numpy(a).permute(0, 3, 1, 2).double()
-    y = torch.from_numpy(b).permute(0, 3, 1, 2).double()
-    return float(ssim(x, y, data_range=255, size_average=True))
-
-
-def _psnr(a: np.ndarray, b: np.ndarray) -> float:
-    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2, axis=(1, 2, 3))
-    return float(np.mean(10 * np.log10(255.0**2 / np.maximum(mse, 1e-10))))
 
 
 def _best_of(fn: Any, reps: int) -> float:
@@ -77,8 +64,8 @@ def bench_classic(tiles: np.ndarray, reps: int) -> dict[str, Any]:
         out[label] = {
             "params": params,
             "bpp": float(np.mean([len(b) * 8 / (t.shape[0] * t.shape[1]) for b, t in zip(blobs, tiles, strict=True)])),
-            "psnr": _psnr(tiles, decoded),
-            "ssim": _ssim(tiles, decoded),
+            "psnr": float(psnr_batch(tiles, decoded).mean()),
+            "ssim": float(ssim_batch(tiles, decoded).mean()),
             "decode_ms": float(np.median(per_tile)),
         }
     return out
@@ -95,8 +82,8 @@ def bench_neural(q: int, tiles: np.ndarray, reps: int) -> dict[str, Any]:
     model = codec._load()  # type: ignore[attr-defined]  # internal: to time the two stages apart
     res: dict[str, Any] = {
         "bpp": float(np.mean([len(b) * 8 / (t.shape[0] * t.shape[1]) for b, t in zip(blobs, tiles, strict=True)])),
-        "psnr": _psnr(tiles, decoded),
-        "ssim": _ssim(tiles, decoded),
+        "psnr": float(psnr_batch(tiles, decoded).mean()),
+        "ssim": float(ssim_batch(tiles, decoded).mean()),
         "threads": {},
     }
     n = len(blobs)

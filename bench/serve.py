@@ -40,12 +40,10 @@ import http.client
 import json
 import math
 import os
-import platform
 import random
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -57,6 +55,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 from typing import Any
+
+from _common import free_port, machine, neural_model_info
 
 BENCH = Path(__file__).resolve().parent
 RESULTS = BENCH / "results"
@@ -275,12 +275,6 @@ def _pct(values: list[float], q: float) -> float | None:
 _RUNNING: list[subprocess.Popen[bytes]] = []
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return int(s.getsockname()[1])
-
-
 def _clean_env() -> dict[str, str]:
     # defaults only: no TILESERVER_* settings or metrics directory leaking in from the caller
     return {k: v for k, v in os.environ.items() if not k.startswith("TILESERVER_") and k != "PROMETHEUS_MULTIPROC_DIR"}
@@ -290,7 +284,7 @@ def start_server(
     kind: str, slides_dir: Path, workers: int, threads: int, log: Path
 ) -> tuple[subprocess.Popen[bytes], int]:
     """Start a server in its own process group; returns (process, port)."""
-    port = _free_port()
+    port = free_port(HOST)
     env = _clean_env()
     if kind == "tileserver":
         cmd = [sys.executable, "-m", "tileserver", "serve", str(slides_dir), "--host", HOST, "--port", str(port)]
@@ -502,28 +496,6 @@ def _neural_quality(requested: int | None, notes: list[str]) -> int | None:
         notes.append(f"neural target skipped: quality {requested} not installed (have {qs})")
         return None
     return requested if requested is not None else qs[len(qs) // 2]
-
-
-def neural_model_info(quality: int | None) -> dict[str, Any] | None:
-    """Architecture, quality and weights digest of the neural model used (for the record)."""
-    if quality is None:
-        return None
-    from tileserver.codecs import get as get_codec
-
-    info = getattr(get_codec("neural", quality=quality), "model_info", None)
-    info = info() if callable(info) else info
-    return dict(info) if info else None
-
-
-def machine() -> dict[str, Any]:
-    import psutil
-
-    return {
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "cpus": os.cpu_count(),
-        "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
-    }
 
 
 def print_table(res: dict[str, Any]) -> None:

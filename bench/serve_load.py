@@ -15,7 +15,6 @@ import json
 import os
 import platform
 import random
-import socket
 import statistics
 import subprocess
 import sys
@@ -30,21 +29,16 @@ from typing import Any
 from urllib.parse import quote
 
 import requests
+from _common import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_SLIDES = Path(os.environ.get("TILESERVER_TEST_DATA", ROOT.parent / "shared" / "data")) / "slides"
 NS = "{http://schemas.microsoft.com/deepzoom/2008}"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @contextmanager
 def _server(slides: Path, workers: int, threads: int) -> Iterator[str]:
-    port = _free_port()
+    port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("PROMETHEUS_")}
     cmd = [sys.executable, "-m", "tileserver", "serve", str(slides), "--port", str(port)]
     cmd += ["--workers", str(workers), "--threads", str(threads)]

@@ -26,12 +26,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+from _common import machine, neural_model_info
 
 RESULTS = Path(__file__).resolve().parent / "results"
 DATA = Path(os.environ.get("TILESERVER_TEST_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
@@ -43,19 +44,6 @@ SLIDES = {
 JPEG_QUALITY = 80
 JPEG_SUBSAMPLING = "420"  # what scanners and libjpeg write by default
 JPEGXL_QUALITY = 80
-
-
-def machine() -> dict[str, Any]:
-    """What the numbers were measured on."""
-    import psutil
-
-    return {
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "cpus": os.cpu_count(),
-        "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
-        "processor": platform.processor() or platform.machine(),
-    }
 
 
 def neural_quality(requested: int | None) -> tuple[int | None, str | None]:
@@ -72,17 +60,6 @@ def neural_quality(requested: int | None) -> tuple[int | None, str | None]:
             return None, f"neural quality {requested} not installed (have {qs})"
         return requested, None
     return qs[len(qs) // 2], None  # 1..4 -> 3
-
-
-def neural_model_info(quality: int | None) -> dict[str, Any] | None:
-    """Architecture, quality and weights digest of the neural model used (for the record)."""
-    if quality is None:
-        return None
-    from tileserver.codecs import get as get_codec
-
-    info = getattr(get_codec("neural", quality=quality), "model_info", None)
-    info = info() if callable(info) else info
-    return dict(info) if info else None
 
 
 def configs(nq: int | None) -> list[tuple[str, str, dict[str, Any], str]]:

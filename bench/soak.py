@@ -30,7 +30,6 @@ import platform
 import random
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -49,6 +48,7 @@ from urllib.parse import quote
 
 import psutil
 import requests
+from _common import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("TILESERVER_TEST_DATA", ROOT.parent / "shared" / "data"))
@@ -62,12 +62,6 @@ OPENSLIDE_CACHE = 64 * MB  # one cache shared by all OpenSlide slides of a worke
 REGION_CACHE = 64 * 256 * 256 * 3
 #: seconds after the kill in which failed requests are attributed to it
 KILL_WINDOW_S = 10.0
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def prepare_slides(folder: Path, neural: bool) -> list[str]:
@@ -98,7 +92,7 @@ def prepare_slides(folder: Path, neural: bool) -> list[str]:
 @contextmanager
 def server(slides: Path, workers: int, threads: int, cache_bytes: int, log: Path) -> Iterator[tuple[str, int]]:
     """``tileserver serve`` on a free loopback port; yields (base URL, master pid)."""
-    port = _free_port()
+    port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("TILESERVER_", "PROMETHEUS_"))}
     env["TILESERVER_CACHE_BYTES"] = str(cache_bytes)
     cmd = [sys.executable, "-m", "tileserver", "serve", str(slides), "--port", str(port)]

@@ -1,0 +1,56 @@
+"""Helpers shared by the benchmark scripts (run as ``python bench/NAME.py``, so ``bench/`` is on sys.path)."""
+
+from __future__ import annotations
+
+import os
+import platform
+import socket
+from typing import Any
+
+import numpy as np
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port free on ``host`` now."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def machine() -> dict[str, Any]:
+    """What the numbers were measured on."""
+    import psutil
+
+    return {
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "cpus": os.cpu_count(),
+        "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
+        "processor": platform.processor() or platform.machine(),
+    }
+
+
+def neural_model_info(quality: int | None) -> dict[str, Any] | None:
+    """Architecture, quality and weights digest of the neural model used (for the record)."""
+    if quality is None:
+        return None
+    from tileserver.codecs import get as get_codec
+
+    info = getattr(get_codec("neural", quality=quality), "model_info", None)
+    return dict(info) if info else None
+
+
+def ssim_batch(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Per-tile SSIM of ``N x H x W x 3`` uint8 stacks, as design §8 defines it."""
+    import torch
+    from pytorch_msssim import ssim
+
+    x = torch.from_numpy(a).permute(0, 3, 1, 2).double()
+    y = torch.from_numpy(b).permute(0, 3, 1, 2).double()
+    return np.asarray(ssim(x, y, data_range=255, size_average=False).numpy())
+
+
+def psnr_batch(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Per-tile PSNR (dB) of ``N x H x W x 3`` uint8 stacks."""
+    mse = ((a.astype(np.float64) - b.astype(np.float64)) ** 2).reshape(len(a), -1).mean(axis=1)
+    return np.asarray(10 * np.log10(255.0**2 / np.maximum(mse, 1e-10)))
