@@ -74,8 +74,6 @@ def bench_classic(tiles: np.ndarray, reps: int) -> dict[str, Any]:
 def bench_neural(q: int, tiles: np.ndarray, reps: int) -> dict[str, Any]:
     import torch
 
-    from tileserver.codecs.models.factorized import synthesize_exact
-
     codec = codecs.get("neural", quality=q, device="cpu")
     blobs = codec.encode_batch(list(tiles))  # type: ignore[attr-defined]
     decoded = np.stack(codec.decode_batch(blobs))  # type: ignore[arg-type]
@@ -96,7 +94,7 @@ def bench_neural(q: int, tiles: np.ndarray, reps: int) -> dict[str, Any]:
         with torch.inference_mode():
             for bs in [b for b in BATCHES if b <= n]:
                 chunks = [y_all[i : i + bs] for i in range(0, n - bs + 1, bs)]
-                synth = _best_of(lambda chunks=chunks: [synthesize_exact(model.layers, c) for c in chunks], reps)
+                synth = _best_of(lambda chunks=chunks: [model.synthesize(c) for c in chunks], reps)
                 codec._synthesis_batch = bs  # type: ignore[attr-defined]  # one synthesis pass per batch
                 full = _best_of(
                     lambda bs=bs: [codec.decode_batch(blobs[i : i + bs]) for i in range(0, n - bs + 1, bs)], reps

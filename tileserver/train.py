@@ -7,7 +7,9 @@ Usage::
     python -m tileserver.train tileserver/codecs/configs/q3.toml --export   # write package weights
 
 A config (TOML) names the architecture and its arguments, the rate–distortion
-trade-off ``lambda`` (loss = lambda * 255^2 * MSE + bits per pixel), crop size,
+trade-off ``lambda`` and its ``distortion`` (``"mse"``: loss = lambda * 255^2 * MSE
++ bits per pixel; ``"ssim"``: loss = lambda * (1 - SSIM) + lambda_mse * 255^2 *
+MSE + bits per pixel, SSIM as the benchmark measures it), crop size,
 batch, steps, learning rate schedule, the training sources (globs under the
 shared data directory; ``.svs`` and other slides are read at level 0 through
 OpenSlide) and the held-out evaluation files, which are never trained on.
@@ -39,6 +41,8 @@ import numpy.typing as npt
 
 __all__ = ["TrainConfig", "add_cli", "evaluate", "export", "load_config", "main", "train"]
 
+#: distortion measures a config may train for
+DISTORTIONS = ("mse", "ssim")
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO.parent / "shared" / "data"
 WEIGHTS_DIR = Path(__file__).resolve().parent / "codecs" / "weights"
@@ -59,11 +63,14 @@ class TrainConfig:
     lr: float
     lr_milestones: list[int] = field(default_factory=list)
     lr_gamma: float = 0.1
+    hyper_lr: float | None = None
     aux_lr: float = 1e-3
     sources: list[str] = field(default_factory=list)
     eval_files: list[str] = field(default_factory=list)
     exclude_rows: dict[str, int] = field(default_factory=dict)
     init: str | None = None
+    distortion: str = "mse"
+    lambda_mse: float = 0.0
     seed: int = 0
     eval_every: int = 1000
     ckpt_every: int = 250
@@ -86,7 +93,7 @@ def load_config(path: str | Path) -> TrainConfig:
     data = raw.get("data", {})
     model = raw.get("model", {})
     try:
-        return TrainConfig(
+        cfg = TrainConfig(
             name=str(raw["name"]),
             quality=int(raw["quality"]),
             architecture=str(model["architecture"]),
@@ -98,11 +105,14 @@ def load_config(path: str | Path) -> TrainConfig:
             lr=float(train["lr"]),
             lr_milestones=[int(m) for m in train.get("lr_milestones", [])],
             lr_gamma=float(train.get("lr_gamma", 0.1)),
+            hyper_lr=float(train["hyper_lr"]) if "hyper_lr" in train else None,
             aux_lr=float(train.get("aux_lr", 1e-3)),
             sources=list(data["sources"]),
             eval_files=list(data["eval"]),
             exclude_rows={str(k): int(v) for k, v in data.get("exclude_rows", {}).items()},
             init=raw.get("init"),
+            distortion=str(train.get("distortion", "mse")),
+            lambda_mse=float(train.get("lambda_mse", 0.0)),
             seed=int(train.get("seed", 0)),
             eval_every=int(train.get("eval_every", 1000)),
             ckpt_every=int(train.get("ckpt_every", 250)),
@@ -111,6 +121,9 @@ def load_config(path: str | Path) -> TrainConfig:
         )
     except KeyError as exc:
         raise ConfigError(f"{p}: missing key {exc}") from None
+    if cfg.distortion not in DISTORTIONS:
+        raise ConfigError(f"{p}: distortion must be one of {', '.join(DISTORTIONS)}, got {cfg.distortion!r}")
+    return cfg
 
 
 # -- data ----------------------------------------------------------------------------------
@@ -212,15 +225,6 @@ def _log(cfg: TrainConfig, msg: str) -> None:
         f.write(line + "\n")
 
 
-def _set_eb_buffers(model: Any, state: dict[str, Any]) -> None:
-    # EntropyBottleneck's CDF buffers start empty; resize them so load_state_dict accepts saved tables.
-    eb = model.entropy_bottleneck
-    for name in ("_quantized_cdf", "_offset", "_cdf_length"):
-        key = f"entropy_bottleneck.{name}"
-        if key in state:
-            setattr(eb, name, state[key].clone())
-
-
 def evaluate(model: Any, tiles: list[npt.NDArray[np.uint8]]) -> dict[str, float]:
     """Mean bpp (from likelihoods, hard rounding), PSNR and SSIM over ``tiles``."""
     import torch
@@ -247,6 +251,61 @@ def evaluate(model: Any, tiles: list[npt.NDArray[np.uint8]]) -> dict[str, float]
     return {"bpp": float(np.mean(bpps)), "psnr": float(np.mean(psnrs)), "ssim": float(np.mean(ssims))}
 
 
+def rd_loss(cfg: TrainConfig, x: Any, out: dict[str, Any]) -> tuple[Any, dict[str, float]]:
+    """Rate–distortion loss of one training batch and its parts (bpp, mse, ssim) for the log."""
+    import torch
+    from pytorch_msssim import ssim
+
+    n_pix = x.shape[0] * x.shape[2] * x.shape[3]
+    bpp = torch.log(out["likelihoods"]).sum() / (-math.log(2) * n_pix)
+    mse = torch.mean((out["x_hat"] - x) ** 2)
+    parts = {"bpp": bpp.item(), "mse": mse.item()}
+    if cfg.distortion == "ssim":
+        # The benchmark's SSIM (11x11 Gaussian window, per RGB channel, data range 1 here).
+        s = ssim(out["x_hat"], x, data_range=1.0, size_average=True)
+        parts["ssim"] = s.item()
+        loss = cfg.lmbda * (1.0 - s) + cfg.lambda_mse * 255.0**2 * mse + bpp
+    else:
+        loss = cfg.lmbda * 255.0**2 * mse + bpp
+    return loss, parts
+
+
+def _init_pca(cfg: TrainConfig, model: Any, images: list[npt.NDArray[np.uint8]], device: str) -> None:
+    """Start a ``klt-ps8`` model at the KLT of training blocks, its entropy model fitted to those latents."""
+    import torch
+
+    from .codecs.models.klt import KLTPS, KLTHyper, fit_klt, image_blocks
+
+    if not isinstance(model, KLTPS):
+        raise SystemExit(f"{cfg.path}: init = 'pca' needs a klt architecture")
+    crops = CropSampler(images, 64, cfg.seed + 1).batch(2000)
+    mean, basis, var = fit_klt(image_blocks(crops))
+    model.init_klt(mean, basis)
+    kept = var[: model.M].sum() / var.sum()
+    with torch.no_grad():
+        y = model.g_a(torch.from_numpy(crops[:512]).to(device).permute(0, 3, 1, 2).float() / 255.0)
+    if isinstance(model, KLTHyper):
+        model.init_prior(y)
+        _log(cfg, f"initialised {cfg.name} from the KLT of 8x8 blocks ({kept:.4f} of the variance kept)")
+        return
+    # Fit the factorized density to the initial latents so the first steps do not pay for a flat prior.
+    eb = model.entropy_bottleneck
+    opt = torch.optim.Adam([p for n, p in eb.named_parameters() if not n.endswith("quantiles")], lr=1e-2)
+    aux_opt = torch.optim.Adam([p for n, p in eb.named_parameters() if n.endswith("quantiles")], lr=1e-2)
+    for _ in range(400):
+        idx = torch.randint(0, y.shape[0], (32,))
+        _, lik = eb(y[idx])
+        nll = -torch.log2(lik).sum() / (idx.numel() * 64 * 64)
+        opt.zero_grad(set_to_none=True)
+        nll.backward()
+        opt.step()
+        aux = eb.loss()
+        aux_opt.zero_grad(set_to_none=True)
+        aux.backward()
+        aux_opt.step()
+    _log(cfg, f"initialised {cfg.name} from the 8x8 KLT ({kept:.4f} of the variance kept), prior {nll.item():.3f} bpp")
+
+
 def _lr_at(cfg: TrainConfig, step: int) -> float:
     return cfg.lr * cfg.lr_gamma ** sum(step >= m for m in cfg.lr_milestones)
 
@@ -255,36 +314,44 @@ def train(cfg: TrainConfig, *, data_dir: Path, until: dt.datetime | None, thread
     """Train (or resume) ``cfg`` until ``cfg.steps`` or ``until``; returns the step reached."""
     import torch
 
-    from .codecs.models import build
+    from .codecs.models import build, load_state
 
     torch.set_num_threads(threads)
     torch.manual_seed(cfg.seed)
     model = build(cfg.architecture, **cfg.arch).to(device)
     params = [p for n, p in model.named_parameters() if not n.endswith(".quantiles")]
     aux_params = [p for n, p in model.named_parameters() if n.endswith(".quantiles")]
-    opt = torch.optim.Adam(params, lr=cfg.lr)
+    # The hyperprior starts from scratch while the transforms start near their optimum: it may learn faster.
+    hyper_lr = cfg.hyper_lr or cfg.lr
+    named = [(n, p) for n, p in model.named_parameters() if not n.endswith(".quantiles")]
+    is_hyper = [n.startswith(("h_a.", "h_s", "hyper_")) for n, _ in named]
+    groups = [
+        {"params": [p for (_, p), h in zip(named, is_hyper, strict=True) if h], "lr": hyper_lr, "base": hyper_lr},
+        {"params": [p for (_, p), h in zip(named, is_hyper, strict=True) if not h], "lr": cfg.lr, "base": cfg.lr},
+    ]
+    opt = torch.optim.Adam([g for g in groups if g["params"]], lr=cfg.lr)
     aux_opt = torch.optim.Adam(aux_params, lr=cfg.aux_lr)
     ckpt_path = cfg.run_dir / "ckpt.pt"
     step, wall = 0, 0.0
     if ckpt_path.exists():
         ck = torch.load(ckpt_path, map_location=device, weights_only=False)
-        _set_eb_buffers(model, ck["model"])
-        model.load_state_dict(ck["model"])
+        load_state(model, ck["model"])
         opt.load_state_dict(ck["opt"])
         aux_opt.load_state_dict(ck["aux_opt"])
         step, wall = int(ck["step"]), float(ck.get("wall", 0.0))
         _log(cfg, f"resumed {cfg.name} at step {step} ({wall / 60:.1f} min so far)")
+    elif cfg.init == "pca":
+        _init_pca(cfg, model, load_images(cfg, data_dir)[0], device)
     elif cfg.init:
         base = load_config(Path(cfg.init) if Path(cfg.init).is_absolute() else cfg.path.parent / cfg.init)
         ck = torch.load(base.run_dir / "ckpt.pt", map_location=device, weights_only=False)
-        _set_eb_buffers(model, ck["model"])
-        model.load_state_dict(ck["model"])
+        load_state(model, ck["model"])
         _log(cfg, f"initialised {cfg.name} from {base.name} step {ck['step']}")
     images, _ = load_images(cfg, data_dir)
     tiles = eval_tiles(cfg, data_dir)
     _log(
         cfg,
-        f"{cfg.name}: lambda={cfg.lmbda} crop={cfg.crop} batch={cfg.batch} "
+        f"{cfg.name}: {cfg.distortion} lambda={cfg.lmbda} crop={cfg.crop} batch={cfg.batch} "
         f"{len(images)} images, {len(tiles)} eval tiles",
     )
     sampler = CropSampler(images, cfg.crop, cfg.seed + step)
@@ -305,20 +372,17 @@ def train(cfg: TrainConfig, *, data_dir: Path, until: dt.datetime | None, thread
         os.replace(tmp, ckpt_path)
 
     model.train()
-    acc = {"loss": 0.0, "bpp": 0.0, "mse": 0.0, "n": 0}
+    acc = {"loss": 0.0, "bpp": 0.0, "mse": 0.0, "ssim": 0.0, "n": 0}
     t_last = time.perf_counter()
     while step < cfg.steps:
         if until is not None and dt.datetime.now(dt.UTC) >= until:
             _log(cfg, f"deadline reached at step {step}")
             break
         for g in opt.param_groups:
-            g["lr"] = _lr_at(cfg, step)
+            g["lr"] = g["base"] * _lr_at(cfg, step) / cfg.lr
         x = torch.from_numpy(sampler.batch(cfg.batch)).to(device).permute(0, 3, 1, 2).float() / 255.0
         out = model(x)
-        n_pix = x.shape[0] * x.shape[2] * x.shape[3]
-        bpp = torch.log(out["likelihoods"]).sum() / (-math.log(2) * n_pix)
-        mse = torch.mean((out["x_hat"] - x) ** 2)
-        loss = cfg.lmbda * 255.0**2 * mse + bpp
+        loss, parts = rd_loss(cfg, x, out)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -329,8 +393,8 @@ def train(cfg: TrainConfig, *, data_dir: Path, until: dt.datetime | None, thread
         aux_opt.step()
         step += 1
         acc["loss"] += loss.item()
-        acc["bpp"] += bpp.item()
-        acc["mse"] += mse.item()
+        for k, v in parts.items():
+            acc[k] += v
         acc["n"] += 1
         now = time.perf_counter()
         wall += now - t_last
@@ -338,19 +402,19 @@ def train(cfg: TrainConfig, *, data_dir: Path, until: dt.datetime | None, thread
         if step % cfg.log_every == 0:
             n = acc["n"]
             psnr = 10 * math.log10(1.0 / max(acc["mse"] / n, 1e-10))
+            ssim_txt = f" ssim {acc['ssim'] / n:.4f}" if cfg.distortion == "ssim" else ""
             _log(
                 cfg,
-                f"step {step} loss {acc['loss'] / n:.4f} bpp {acc['bpp'] / n:.4f} psnr {psnr:.2f} "
+                f"step {step} loss {acc['loss'] / n:.4f} bpp {acc['bpp'] / n:.4f} psnr {psnr:.2f}{ssim_txt} "
                 f"aux {aux.item():.1f} lr {_lr_at(cfg, step):.1e} {wall / step:.3f}s/step",
             )
-            acc = {"loss": 0.0, "bpp": 0.0, "mse": 0.0, "n": 0}
+            acc = {"loss": 0.0, "bpp": 0.0, "mse": 0.0, "ssim": 0.0, "n": 0}
         if step % cfg.ckpt_every == 0:
             save()
         if step % cfg.eval_every == 0 and tiles:
             # Snap the quantiles to the learned density (as export does) so this
             # evaluation measures what would be shipped; the aux loss alone lags.
-            with torch.no_grad():
-                model.entropy_bottleneck.update(force=True, update_quantiles=True)
+            model.update_entropy_models()
             m = evaluate(model, tiles)
             _log(cfg, f"eval step {step} bpp {m['bpp']:.4f} psnr {m['psnr']:.2f} ssim {m['ssim']:.4f}")
             t_last = time.perf_counter()  # evaluation time is not training time
@@ -366,15 +430,15 @@ def export(cfg: TrainConfig, *, data_dir: Path, weights_dir: Path = WEIGHTS_DIR)
     """Write ``weights/<name>.pt`` (CDF tables computed here) and update the manifest."""
     import torch
 
-    from .codecs.models import build
+    from .codecs.models import build, load_state
     from .codecs.neural import save_weights
 
     ck = torch.load(cfg.run_dir / "ckpt.pt", map_location="cpu", weights_only=False)
     model = build(cfg.architecture, **cfg.arch)
-    _set_eb_buffers(model, ck["model"])
-    model.load_state_dict(ck["model"])
+    load_state(model, ck["model"])
     meta: dict[str, Any] = {
         "lambda": cfg.lmbda,
+        "distortion": cfg.distortion,
         "config": str(cfg.path.resolve().relative_to(REPO))
         if cfg.path.resolve().is_relative_to(REPO)
         else str(cfg.path),

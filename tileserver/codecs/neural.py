@@ -16,8 +16,8 @@ Tile bitstream, format version 1 (little-endian)::
     4      4     first 4 bytes of the weights' SHA-256 (which model coded it)
     8      2     tile height H (1..MAX_TILE_SIDE)
     10     2     tile width W
-    12     1     latent height  == ceil(H / 16)
-    13     1     latent width   == ceil(W / 16)
+    12     1     latent height  == ceil(H / stride), stride 8 or 16 by architecture
+    13     1     latent width   == ceil(W / stride)
     14     4     CRC-32 of the payload
     18     ...   payload: CompressAI rANS string of the M x h x w latent symbols
 
@@ -28,7 +28,7 @@ with zeros so that even a crafted stream with a valid CRC can only read padding.
 
 Decoded pixels are bit-identical whatever the batch size, batch composition,
 thread count or device: the synthesis runs on exact fixed-point grids in
-float64 (see ``models/factorized.py``), and the factorized prior's CDF tables
+float64 (see ``models/klt.py`` and ``models/factorized.py``), and the factorized prior's CDF tables
 are fixed at export.
 """
 
@@ -78,7 +78,6 @@ CPU_SYNTHESIS_BATCH = 1
 
 _MAGIC = b"NC"
 _HEADER = struct.Struct("<2sBB4sHHBBI")
-_STRIDE = 16
 
 
 def _manifest(weights_dir: Path) -> dict[str, Any]:
@@ -119,8 +118,11 @@ def check_model(model_info: Mapping[str, Any], weights_dir: Path = WEIGHTS_DIR) 
     raise MissingModel(f"{label} is not installed (installed: {installed or 'none'})")
 
 
-def parse_header(data: bytes) -> tuple[int, bytes, int, int, int, int, bytes]:
-    """Validate a tile's header; returns (quality, tag, H, W, h, w, payload). Raises ``CorruptTile``."""
+def parse_header(data: bytes, stride: int) -> tuple[int, bytes, int, int, int, int, bytes]:
+    """Validate a tile's header for a model of latent ``stride``.
+
+    Returns (quality, tag, H, W, h, w, payload); raises ``CorruptTile``.
+    """
     if len(data) <= _HEADER.size:
         raise CorruptTile(f"neural: tile of {len(data)} bytes is too short")
     magic, version, quality, tag, height, width, lh, lw, crc = _HEADER.unpack_from(data)
@@ -130,7 +132,7 @@ def parse_header(data: bytes) -> tuple[int, bytes, int, int, int, int, bytes]:
         raise CorruptTile(f"neural: unsupported bitstream version {version}")
     if not (1 <= height <= MAX_TILE_SIDE and 1 <= width <= MAX_TILE_SIDE):
         raise CorruptTile(f"neural: tile size {height}x{width} out of range")
-    if lh != math.ceil(height / _STRIDE) or lw != math.ceil(width / _STRIDE):
+    if lh != math.ceil(height / stride) or lw != math.ceil(width / stride):
         raise CorruptTile(f"neural: latent shape {lh}x{lw} does not match tile {height}x{width}")
     payload = bytes(data[_HEADER.size :])
     if zlib.crc32(payload) != crc:
@@ -151,12 +153,9 @@ def save_weights(
     """
     import torch
 
-    from .models.factorized import quantize_weights_
-
     model.eval()
-    with torch.no_grad():
-        model.entropy_bottleneck.update(force=True, update_quantiles=True)
-    quantize_weights_(model)
+    model.update_entropy_models()
+    model.snap_synthesis_()
     state = {
         k: v.half() if k.startswith("g_a.") and v.is_floating_point() else v.detach().clone()
         for k, v in model.state_dict().items()
@@ -197,41 +196,129 @@ def _architectures() -> dict[str, Any]:
     return dict(ARCHITECTURES)
 
 
-class _Model:
-    """Loaded weights plus everything decoding needs, prepared once."""
+def _coder_tables(module: Any) -> tuple[list[list[int]], list[int], list[int]]:
+    # Python lists for the rANS coder, converted once (CompressAI converts per call).
+    return (
+        module._quantized_cdf.tolist(),
+        module._cdf_length.reshape(-1).int().tolist(),
+        module._offset.reshape(-1).int().tolist(),
+    )
 
-    def __init__(self, path: Path, device: str) -> None:
-        import torch
 
-        from .models import build
-        from .models.factorized import FactorizedPS
+class _Factorized:
+    """Entropy coding of a latent under a factorized prior (one density per channel)."""
 
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-        model: FactorizedPS = build(payload["architecture"], **payload["args"])
-        state = {k: v.float() if v.is_floating_point() else v for k, v in payload["state_dict"].items()}
-        eb = model.entropy_bottleneck
-        for name in ("_quantized_cdf", "_offset", "_cdf_length"):
-            setattr(eb, name, state[f"entropy_bottleneck.{name}"].clone())
-        model.load_state_dict(state)
-        model.eval()
-        self.device = torch.device(device)
-        self.model = model.to(self.device)
-        self.M = model.M
-        # Python lists for the rANS coder, converted once (CompressAI converts per call).
-        self.cdfs: list[list[int]] = eb._quantized_cdf.tolist()
-        self.cdf_lengths: list[int] = eb._cdf_length.reshape(-1).int().tolist()
-        self.offsets: list[int] = eb._offset.reshape(-1).int().tolist()
+    def __init__(self, eb: Any, channels: int) -> None:
+        self.channels = channels
+        self.cdfs, self.cdf_lengths, self.offsets = _coder_tables(eb)
         self.medians = eb.quantiles[:, 0, 1].detach().double().cpu()
-        self.layers = [(w.to(self.device), b.to(self.device)) for w, b in model.synthesis_layers()]
         self._indexes: dict[tuple[int, int], list[int]] = {}
 
     def indexes(self, h: int, w: int) -> list[int]:
         key = (h, w)
         idx = self._indexes.get(key)
         if idx is None:
-            idx = np.repeat(np.arange(self.M, dtype=np.int32), h * w).tolist()
+            idx = np.repeat(np.arange(self.channels, dtype=np.int32), h * w).tolist()
             self._indexes[key] = idx
         return idx
+
+    def encode(self, encoder: Any, y: Any) -> tuple[bytes, Any]:
+        """``C x h x w`` float64 latent -> (rANS string, the latent the decoder will see)."""
+        symbols = np.round(y - self.medians[:, None, None].numpy()).astype(np.int32)
+        data = encoder.encode_with_indexes(
+            symbols.reshape(-1).tolist(), self.indexes(*y.shape[1:]), self.cdfs, self.cdf_lengths, self.offsets
+        )
+        return data, symbols + self.medians[:, None, None].numpy()
+
+    def decode(self, data: bytes, h: int, w: int) -> Any:
+        """rANS string -> ``C x h x w`` float64 latent; raises ``CorruptTile``."""
+        from compressai.ans import RansDecoder
+
+        n = self.channels * h * w
+        # Zero padding bounds what a crafted stream can make the unchecked rANS decoder read.
+        padded = data + bytes(4 * n + 64)
+        indexes = self.indexes(h, w)
+        values = RansDecoder().decode_with_indexes(padded, indexes, self.cdfs, self.cdf_lengths, self.offsets)
+        if len(values) != n:
+            raise CorruptTile("neural: entropy decoder returned the wrong number of symbols")
+        return np.asarray(values, dtype=np.float64).reshape(self.channels, h, w) + self.medians[:, None, None].numpy()
+
+
+class _Hyperprior:
+    """Side latent under a factorized prior, then the latent under the Gaussians it predicts.
+
+    Payload: u32 length of the side string, side string, latent string.
+    """
+
+    def __init__(self, model: Any, device: Any) -> None:
+        import torch
+
+        self.torch = torch
+        self.device = device
+        self.M = model.M
+        self.side = _Factorized(model.hyper_bottleneck, model.H)
+        self.cdfs, self.cdf_lengths, self.offsets = _coder_tables(model.gaussian_conditional)
+        self.hyper = model.exact_hyper(device)
+        self.h_a = model.h_a
+        self.step = model.step
+
+    def _params(self, z_hat: Any, h: int, w: int) -> tuple[list[int], Any]:
+        idx, means = self.hyper(self.torch.from_numpy(z_hat)[None].to(self.device))
+        return idx[0, :, :h, :w].reshape(-1).cpu().tolist(), means[0, :, :h, :w].cpu().numpy()
+
+    def encode(self, encoder: Any, y: Any) -> tuple[bytes, Any]:
+        torch = self.torch
+        with torch.inference_mode():
+            z = self.h_a(torch.from_numpy(y)[None].float().to(self.device) * self.step)[0].double().cpu().numpy()
+        side, z_hat = self.side.encode(encoder, z)
+        indexes, means = self._params(z_hat, *y.shape[1:])
+        symbols = np.round(y - means).astype(np.int32)
+        flat = symbols.reshape(-1).tolist()
+        data = encoder.encode_with_indexes(flat, indexes, self.cdfs, self.cdf_lengths, self.offsets)
+        return struct.pack("<I", len(side)) + side + data, symbols + means
+
+    def decode(self, data: bytes, h: int, w: int) -> Any:
+        from compressai.ans import RansDecoder
+
+        if len(data) < 4:
+            raise CorruptTile("neural: payload too short for its side information")
+        (n_side,) = struct.unpack_from("<I", data)
+        if n_side > len(data) - 4:
+            raise CorruptTile("neural: side information runs past the payload")
+        z_hat = self.side.decode(data[4 : 4 + n_side], -(-h // 4), -(-w // 4))
+        indexes, means = self._params(z_hat, h, w)
+        n = self.M * h * w
+        if len(indexes) != n:
+            raise CorruptTile("neural: side information does not match the latent shape")
+        padded = data[4 + n_side :] + bytes(4 * n + 64)
+        values = RansDecoder().decode_with_indexes(padded, indexes, self.cdfs, self.cdf_lengths, self.offsets)
+        if len(values) != n:
+            raise CorruptTile("neural: entropy decoder returned the wrong number of symbols")
+        return np.asarray(values, dtype=np.float64).reshape(self.M, h, w) + means
+
+
+class _Model:
+    """Loaded weights plus everything coding needs, prepared once."""
+
+    def __init__(self, path: Path, device: str) -> None:
+        import torch
+
+        from .models import Model, build, load_state
+
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+        model: Model = build(payload["architecture"], **payload["args"])
+        load_state(model, {k: v.float() if v.is_floating_point() else v for k, v in payload["state_dict"].items()})
+        model.eval()
+        self.device = torch.device(device)
+        self.model = model.to(self.device)
+        self.M = model.M
+        self.stride = int(model.stride)
+        self.coder: _Factorized | _Hyperprior = (
+            _Hyperprior(model, self.device)
+            if hasattr(model, "gaussian_conditional")
+            else _Factorized(model.entropy_bottleneck, model.M)
+        )
+        self.synthesize = model.exact_synthesizer(self.device)
 
 
 @register("neural")
@@ -336,20 +423,16 @@ class NeuralCodec:
         encoder = RansEncoder()
         with torch.inference_mode():
             for (height, width), idx in groups.items():
-                ph, pw = (-height) % _STRIDE, (-width) % _STRIDE
+                ph, pw = (-height) % m.stride, (-width) % m.stride
                 x = torch.from_numpy(np.stack([arrays[i] for i in idx])).to(m.device)
                 x = x.permute(0, 3, 1, 2).float().div_(255.0)
                 if ph or pw:
                     # Edge replication codes cheaper than zeros and is cropped away on decode.
                     x = torch.nn.functional.pad(x, (0, pw, 0, ph), mode="replicate")
-                y = m.model.g_a(x).double().cpu()
-                symbols = torch.round(y - m.medians[None, :, None, None]).to(torch.int32)
-                lh, lw = symbols.shape[2:]
-                indexes = m.indexes(lh, lw)
+                y = m.model.g_a(x).double().cpu().numpy()
+                lh, lw = y.shape[2:]
                 for j, i in enumerate(idx):
-                    payload = encoder.encode_with_indexes(
-                        symbols[j].reshape(-1).tolist(), indexes, m.cdfs, m.cdf_lengths, m.offsets
-                    )
+                    payload, _ = m.coder.encode(encoder, y[j])
                     header = _HEADER.pack(
                         _MAGIC, FORMAT_VERSION, self.quality, self._tag, height, width, lh, lw, zlib.crc32(payload)
                     )
@@ -365,20 +448,13 @@ class NeuralCodec:
         return result
 
     def _latent(self, m: _Model, data: bytes) -> tuple[Any, int, int]:
-        from compressai.ans import RansDecoder
-
-        quality, tag, height, width, lh, lw, payload = parse_header(data)
+        """A tile's latent as the synthesis takes it (``M x h x w`` float64), and the tile size."""
+        quality, tag, height, width, lh, lw, payload = parse_header(data, m.stride)
         if quality != self.quality or tag != self._tag:
             raise CorruptTile(
                 f"neural: tile was coded by model q{quality} ({tag.hex()}), not q{self.quality} ({self._tag.hex()})"
             )
-        n = m.M * lh * lw
-        # Zero padding bounds what a crafted stream can make the unchecked rANS decoder read.
-        padded = payload + bytes(4 * n + 64)
-        values = RansDecoder().decode_with_indexes(padded, m.indexes(lh, lw), m.cdfs, m.cdf_lengths, m.offsets)
-        if len(values) != n:
-            raise CorruptTile("neural: entropy decoder returned the wrong number of symbols")
-        return np.asarray(values, dtype=np.float64).reshape(m.M, lh, lw), height, width
+        return m.coder.decode(payload, lh, lw), height, width
 
     def decode_batch(self, blobs: Sequence[bytes]) -> list[Tile | CorruptTile]:
         """Decode many tiles: entropy decoding per tile, one synthesis pass per latent shape.
@@ -386,8 +462,6 @@ class NeuralCodec:
         A bad blob yields its ``CorruptTile`` in its slot; the others decode normally.
         """
         import torch
-
-        from .models.factorized import synthesize_exact
 
         m = self._load()
         out: list[Tile | CorruptTile] = [CorruptTile("neural: not decoded")] * len(blobs)
@@ -404,8 +478,8 @@ class NeuralCodec:
             for group in groups.values():
                 for start in range(0, len(group), chunk):
                     items = group[start : start + chunk]
-                    y = torch.from_numpy(np.stack([it[1] for it in items])) + m.medians[None, :, None, None]
-                    pixels = synthesize_exact(m.layers, y.to(m.device)).permute(0, 2, 3, 1).cpu().numpy()
+                    y = torch.from_numpy(np.stack([it[1] for it in items]))
+                    pixels = m.synthesize(y.to(m.device)).permute(0, 2, 3, 1).cpu().numpy()
                     for (i, _, height, width), px in zip(items, pixels, strict=True):
                         out[i] = np.ascontiguousarray(px[:height, :width])
         return out

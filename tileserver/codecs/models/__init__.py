@@ -1,6 +1,6 @@
 """Neural codec architectures, registered by stable names.
 
-A weights file names its architecture (``"factorized-ps"``) and the keyword
+A weights file names its architecture (``"klt-ps8"``, ``"factorized-ps"``) and the keyword
 arguments that rebuild it; :func:`build` turns that pair back into a module.
 Importing this package imports torch, so only ``tileserver.codecs.neural`` and
 ``tileserver.train`` import it, lazily.
@@ -15,17 +15,32 @@ with warnings.catch_warnings():
     # CompressAI calls torch.jit.script at import time, which newer torch deprecates.
     warnings.simplefilter("ignore", FutureWarning)
     from .factorized import FactorizedPS
+    from .klt import KLTPS, KLTHyper
 
-__all__ = ["ARCHITECTURES", "FactorizedPS", "build"]
+__all__ = ["ARCHITECTURES", "KLTPS", "FactorizedPS", "KLTHyper", "Model", "build", "load_state"]
+
+#: any registered architecture
+Model = FactorizedPS | KLTPS | KLTHyper
 
 #: stable architecture name -> model class; names are stored in weights files
-ARCHITECTURES: dict[str, type[FactorizedPS]] = {"factorized-ps": FactorizedPS}
+ARCHITECTURES: dict[str, type[Model]] = {"factorized-ps": FactorizedPS, "klt-ps8": KLTPS, "klt-hp8": KLTHyper}
+
+_ENTROPY_BUFFERS = ("_quantized_cdf", "_offset", "_cdf_length", "scale_table")
 
 
-def build(architecture: str, **kwargs: Any) -> FactorizedPS:
+def build(architecture: str, **kwargs: Any) -> Model:
     """Instantiate the architecture registered as ``architecture``."""
     try:
         cls = ARCHITECTURES[architecture]
     except KeyError:
         raise ValueError(f"unknown architecture {architecture!r}; known: {', '.join(sorted(ARCHITECTURES))}") from None
     return cls(**kwargs)
+
+
+def load_state(model: Model, state: dict[str, Any]) -> None:
+    """``load_state_dict``, first resizing the entropy models' CDF buffers (they start empty)."""
+    for key, value in state.items():
+        path, _, name = key.rpartition(".")
+        if name in _ENTROPY_BUFFERS:
+            setattr(model.get_submodule(path), name, value.clone())
+    model.load_state_dict(state)

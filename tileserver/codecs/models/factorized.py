@@ -19,6 +19,7 @@ device (CPU or CUDA) cannot change a single output pixel.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -78,6 +79,8 @@ class FactorizedPS(nn.Module):
     after each of the first three 2x stages (the fourth stage outputs RGB).
     """
 
+    stride = STRIDE
+
     def __init__(self, N: int = 64, M: int = 128, widths: tuple[int, ...] | list[int] = (64, 32, 16)) -> None:
         super().__init__()
         widths = tuple(int(w) for w in widths)
@@ -111,6 +114,11 @@ class FactorizedPS(nn.Module):
         loss: Tensor = self.entropy_bottleneck.loss()
         return loss
 
+    @torch.no_grad()
+    def update_entropy_models(self) -> None:
+        """Compute the CDF tables coding uses (export, and evaluation during training)."""
+        self.entropy_bottleneck.update(force=True, update_quantiles=True)
+
     # -- exact inference --------------------------------------------------
     def synthesis_layers(self) -> list[tuple[Tensor, Tensor]]:
         """(weight, bias) per synthesis stage, as float64 tensors on their fixed grid."""
@@ -121,6 +129,16 @@ class FactorizedPS(nn.Module):
             b = _to_grid(stage.bias.detach().double(), WEIGHT_BITS, _W_MAX)
             out.append((w, b))
         return out
+
+    @torch.no_grad()
+    def snap_synthesis_(self) -> None:
+        """Put the synthesis weights on the exact-decoding grid, in place (export)."""
+        quantize_weights_(self)
+
+    def exact_synthesizer(self, device: torch.device) -> Callable[[Tensor], Tensor]:
+        """:func:`synthesize_exact` with this model's layers prepared on ``device``."""
+        layers = [(w.to(device), b.to(device)) for w, b in self.synthesis_layers()]
+        return lambda y_hat: synthesize_exact(layers, y_hat)
 
 
 def _to_grid(t: Tensor, bits: int, limit: float) -> Tensor:

@@ -1,0 +1,379 @@
+"""Transform coder started from the KLT of 8x8 RGB blocks, refined by training.
+
+At the rates where pathology tiles keep SSIM 0.93-0.98 (2-4 bits per pixel) a
+codec needs a nearly complete latent: the stride-16 factorized model could not
+pass SSIM 0.89 even with unquantized latents.  This architecture therefore
+keeps a stride-8 latent of ``M`` channels and starts from the closed-form
+optimum for a linear coder, the Karhunen-Loève transform (PCA) of 8x8x3 blocks
+of the training tissue, scaled by the quantization step ``step``:
+
+* analysis ``g_a``: ``y = (K x + r_a(K x)) / step``; ``K`` is an 8x8 stride-8
+  convolution initialised to the top ``M`` principal directions, ``r_a`` two
+  3x3 convolutions at latent resolution whose output starts at zero;
+* entropy model: CompressAI's factorized ``EntropyBottleneck``;
+* synthesis: ``x = P(step * y) + r_s(step * y)``; ``P`` is a 1x1 convolution to
+  192 channels and an 8x pixel shuffle (the inverse KLT at initialisation),
+  ``r_s`` three 3x3 convolution + 2x pixel shuffle stages with ReLU (as in
+  ``factorized.py``) whose last layer starts at zero.
+
+Training from that point (``python -m tileserver.train``, ``init = "pca"``)
+starts from a codec already between JPEG and JPEG-XL on held-out tissue and
+only has to learn the non-linear part, which on two CPU cores is the
+difference between minutes and days.
+
+Exact decoding.  As in ``factorized.py`` the synthesis runs in float64 on
+fixed grids, with finer weights (the KLT basis times a small step needs them):
+weights are multiples of ``2**-WEIGHT_BITS`` with ``|w| < 2``, biases multiples
+of ``2**-WEIGHT_BITS`` with ``|b| < 2**BIAS_RANGE_BITS`` (the hyper-synthesis's
+biases carry log-scales and means), activations multiples of ``2**-ACT_BITS``
+with ``|a| < 2**ACT_RANGE_BITS``.  Every product is then a multiple of
+``2**-(WEIGHT_BITS + ACT_BITS)`` below ``2**(1 + ACT_RANGE_BITS)``; a sum of at
+most ``2**11`` of them plus a bias stays below ``2**22``, so it needs at most
+52 significant bits, which float64 holds exactly whatever the summation order.
+So batch, threads and device cannot change a pixel, nor a scale index.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import torch
+import torch.nn.functional as F
+from compressai.entropy_models import EntropyBottleneck, GaussianConditional
+from torch import Tensor, nn
+
+from .factorized import _SubPixel, _to_grid
+
+__all__ = [
+    "ACT_BITS",
+    "ACT_RANGE_BITS",
+    "BIAS_RANGE_BITS",
+    "BLOCK",
+    "KLTPS",
+    "SCALE_LOG_TABLE",
+    "WEIGHT_BITS",
+    "KLTHyper",
+    "fit_klt",
+    "image_blocks",
+]
+
+#: block side of the transform (the latent stride)
+BLOCK = 8
+WEIGHT_BITS = 20
+ACT_BITS = 10
+ACT_RANGE_BITS = 10
+BIAS_RANGE_BITS = 12
+_W_MAX = 2.0 - 2.0**-WEIGHT_BITS
+_B_MAX = 2.0**BIAS_RANGE_BITS - 2.0**-WEIGHT_BITS
+_A_MAX = 2.0**ACT_RANGE_BITS - 2.0**-ACT_BITS
+_MAX_TERMS = 2**11
+
+
+class _Analysis(nn.Module):
+    def __init__(self, M: int, N: int, step: float) -> None:
+        super().__init__()
+        self.step = step
+        self.klt = nn.Conv2d(3, M, BLOCK, stride=BLOCK)
+        self.r1 = nn.Conv2d(M, N, 3, padding=1)
+        self.r2 = nn.Conv2d(N, M, 3, padding=1)
+        nn.init.zeros_(self.r2.weight)
+        nn.init.zeros_(_bias(self.r2))
+
+    def forward(self, x: Tensor) -> Tensor:
+        c: Tensor = self.klt(x)
+        out: Tensor = (c + self.r2(F.relu(self.r1(c)))) / self.step
+        return out
+
+
+class KLTPS(nn.Module):
+    """KLT-initialised stride-8 transform coder (see the module docstring).
+
+    ``M``: latent channels (at most 192); ``N``: width of the analysis refinement;
+    ``widths``: widths of the synthesis refinement's first two stages; ``step``:
+    quantization step in KLT units (smaller is higher quality).
+    """
+
+    stride = BLOCK
+
+    def __init__(
+        self, M: int = 96, N: int = 64, widths: tuple[int, ...] | list[int] = (24, 16), step: float = 0.1
+    ) -> None:
+        super().__init__()
+        widths = tuple(int(w) for w in widths)
+        if len(widths) != 2:
+            raise ValueError(f"widths must have 2 entries, got {widths}")
+        if not 1 <= M <= 3 * BLOCK * BLOCK:
+            raise ValueError(f"M must be 1..{3 * BLOCK * BLOCK}, got {M}")
+        if 9 * max(M, N, *widths) > _MAX_TERMS:
+            raise ValueError("too many channels for exact float64 synthesis")
+        self.config: dict[str, Any] = {"M": int(M), "N": int(N), "widths": list(widths), "step": float(step)}
+        self.M = int(M)
+        self.step = float(step)
+        self.g_a: _Analysis = _Analysis(self.M, int(N), self.step)
+        self.entropy_bottleneck = EntropyBottleneck(self.M)
+        self.inverse = nn.Conv2d(self.M, 3 * BLOCK * BLOCK, 1)
+        chans = [self.M, *widths, 3]
+        self.g_s = nn.ModuleList(_SubPixel(chans[i], chans[i + 1]) for i in range(3))
+        last = self.g_s[-1]
+        assert isinstance(last, _SubPixel)
+        nn.init.zeros_(last.conv.weight)
+        nn.init.zeros_(last.bias)
+
+    # -- initialisation ---------------------------------------------------
+    @torch.no_grad()
+    def init_klt(self, mean: npt.NDArray[np.float64], basis: npt.NDArray[np.float64]) -> None:
+        """Set the analysis and inverse to the KLT ``basis`` (``192 x >=M`` columns) about ``mean``."""
+        v = torch.from_numpy(np.ascontiguousarray(basis[:, : self.M])).float()  # 192 x M
+        mu = torch.from_numpy(mean).float()
+        # Block vectors are ordered (row, column, channel); convolution weights are (channel, row, column).
+        self.g_a.klt.weight.copy_(v.T.reshape(self.M, BLOCK, BLOCK, 3).permute(0, 3, 1, 2))
+        _bias(self.g_a.klt).copy_(-(mu @ v))
+        # pixel_shuffle(8) reads channel c * 64 + row * 8 + column.
+        w = v.reshape(BLOCK, BLOCK, 3, self.M).permute(2, 0, 1, 3).reshape(3 * BLOCK * BLOCK, self.M)
+        self.inverse.weight.copy_(w[:, :, None, None])
+        _bias(self.inverse).copy_(mu.reshape(BLOCK, BLOCK, 3).permute(2, 0, 1).reshape(-1))
+
+    # -- training ---------------------------------------------------------
+    def synthesize(self, y_hat: Tensor) -> Tensor:
+        """Float synthesis used in training: latents -> image in [0, 1] (unclamped)."""
+        u = y_hat * self.step
+        r = u
+        for i, stage in enumerate(self.g_s):
+            r = stage(r)
+            if i < len(self.g_s) - 1:
+                r = F.relu(r)
+        return F.pixel_shuffle(self.inverse(u), BLOCK) + r
+
+    def forward(self, x: Tensor) -> dict[str, Any]:
+        """Training pass: noisy latents, reconstruction and likelihoods."""
+        y = self.g_a(x)
+        _, likelihoods = self.entropy_bottleneck(y)
+        # The rate sees additive noise, the synthesis the rounded latent (straight-through
+        # gradient), as decoding will: at these rates most channels round to their median,
+        # which noise would not show (Minnen & Singh 2020, "mixed" quantization).
+        medians = self.entropy_bottleneck._get_medians().detach()
+        y_round = torch.round(y - medians) + medians
+        return {"x_hat": self.synthesize(y + (y_round - y).detach()), "likelihoods": likelihoods}
+
+    def aux_loss(self) -> Tensor:
+        """The entropy bottleneck's quantile loss."""
+        loss: Tensor = self.entropy_bottleneck.loss()
+        return loss
+
+    @torch.no_grad()
+    def update_entropy_models(self) -> None:
+        """Compute the CDF tables coding uses (export, and evaluation during training)."""
+        self.entropy_bottleneck.update(force=True, update_quantiles=True)
+
+    # -- exact inference --------------------------------------------------
+    def _grid_layers(self) -> list[tuple[Tensor, Tensor]]:
+        # The step is folded into the first layers, whose input is then the latent itself.
+        w0, b0 = self.inverse.weight.detach().double() * self.step, _bias(self.inverse).detach().double()
+        layers = [(w0, b0)]
+        for i, stage in enumerate(self.g_s):
+            assert isinstance(stage, _SubPixel)
+            w = stage.conv.weight.detach().double() * (self.step if i == 0 else 1.0)
+            layers.append((w, stage.bias.detach().double()))
+        return [(_to_grid(w, WEIGHT_BITS, _W_MAX), _to_grid(b, WEIGHT_BITS, _B_MAX)) for w, b in layers]
+
+    def _check_ranges(self) -> None:
+        # Snapping clamps silently; a trained weight outside the grid's range would decode
+        # differently from the float model, so refuse to export it.
+        for name, p in self.named_parameters():
+            if name.startswith(("inverse.", "g_s.", "h_s")):
+                limit = _B_MAX if name.endswith("bias") else _W_MAX
+                scale = self.step if name.startswith(("inverse.weight", "g_s.0.conv.weight")) else 1.0
+                if float(p.detach().abs().max()) * scale > limit:
+                    raise ValueError(f"{name} exceeds the exact-decoding range (|x| <= {limit:g})")
+
+    @torch.no_grad()
+    def snap_synthesis_(self) -> None:
+        """Put the synthesis weights on the exact-decoding grid, in place (export)."""
+        self._check_ranges()
+        layers = self._grid_layers()
+        convs: list[nn.Conv2d] = [self.inverse] + [s.conv for s in self.g_s if isinstance(s, _SubPixel)]
+        for i, (conv, (w, b)) in enumerate(zip(convs, layers, strict=True)):
+            scale = self.step if i <= 1 else 1.0
+            conv.weight.copy_((w / scale).float())
+            _bias(conv).copy_(b.float())
+
+    def exact_synthesizer(self, device: torch.device) -> Callable[[Tensor], Tensor]:
+        """Order-independent synthesis: float64 latents ``B x M x h x w`` -> uint8 ``B x 3 x 8h x 8w``."""
+        layers = [(w.to(device), b.to(device)) for w, b in self._grid_layers()]
+
+        def run(y_hat: Tensor) -> Tensor:
+            y = _to_grid(y_hat.double(), ACT_BITS, _A_MAX)
+            w0, b0 = layers[0]
+            base = F.pixel_shuffle(_conv(y, w0, b0, 0), BLOCK)
+            r = y
+            for i, (w, b) in enumerate(layers[1:]):
+                r = _conv(r, w, b, 1)
+                if i < 2:
+                    r = _to_grid(torch.clamp_(r, min=0.0), ACT_BITS, _A_MAX)
+                r = F.pixel_shuffle(r, 2)
+            return torch.clamp(torch.round((base + r) * 255.0), 0.0, 255.0).to(torch.uint8)
+
+        return run
+
+
+def _bias(conv: nn.Conv2d) -> Tensor:
+    b = conv.bias
+    if b is None:  # pragma: no cover - every convolution here has a bias
+        raise RuntimeError("convolution without bias")
+    return b
+
+
+def _conv(x: Tensor, w: Tensor, b: Tensor, padding: int) -> Tensor:
+    if x.device.type == "cpu":
+        # CPU float64 convolution is im2col + GEMM, exact on these grids.
+        return F.conv2d(x, w, b, padding=padding)
+    # cuDNN may pick FFT/Winograd algorithms, which are not exact; im2col + GEMM is.
+    n, _, h, wd = x.shape
+    k = w.shape[-1]
+    cols = F.unfold(x, k, padding=padding)
+    return (torch.matmul(w.reshape(w.shape[0], -1), cols) + b[:, None]).reshape(n, -1, h, wd)
+
+
+def fit_klt(
+    blocks: npt.NDArray[np.floating[Any]],
+) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64], npt.NDArray[np.float64]]:
+    """KLT of ``n x 192`` block vectors in [0, 1]: (mean, basis columns by falling variance, variances)."""
+    p = np.asarray(blocks, dtype=np.float64)
+    mean = p.mean(axis=0)
+    cov = np.cov((p - mean).T)
+    var, vec = np.linalg.eigh(cov)
+    order = np.argsort(var)[::-1]
+    return mean, vec[:, order], var[order]
+
+
+def image_blocks(images: npt.NDArray[np.uint8]) -> npt.NDArray[np.float64]:
+    """``n x H x W x 3`` uint8 (H, W multiples of 8) -> block vectors ordered (row, column, channel)."""
+    n, h, w, c = images.shape
+    a = images.astype(np.float64) / 255.0
+    blocks = a.reshape(n, h // BLOCK, BLOCK, w // BLOCK, BLOCK, c).transpose(0, 1, 3, 2, 4, 5)
+    return blocks.reshape(-1, BLOCK * BLOCK * c)
+
+
+#: log-scale thresholds of the Gaussian scale table: ln 0.11 .. ln 128 in 64 steps, on a 2**-16 grid
+SCALE_LOG_TABLE: tuple[float, ...] = tuple(
+    round((math.log(0.11) + i * (math.log(128.0) - math.log(0.11)) / 63) * 2**16) / 2**16 for i in range(64)
+)
+
+
+class KLTHyper(KLTPS):
+    """:class:`KLTPS` with a mean-scale hyperprior (Ballé et al. 2018, Minnen et al. 2018).
+
+    The latent is coded as Gaussians whose means and scales a small hyper-synthesis
+    predicts from a side latent ``z`` at stride 32 (coded by a factorized prior):
+    glass, stroma and nuclei get their own densities instead of one per channel.
+    The hyper-synthesis runs on the same exact grids as the synthesis, so the
+    scale index of every symbol is identical on every machine.  ``H`` is the
+    side latent's width.
+    """
+
+    def __init__(
+        self,
+        M: int = 96,
+        N: int = 64,
+        widths: tuple[int, ...] | list[int] = (24, 16),
+        step: float = 0.1,
+        H: int = 64,
+    ) -> None:
+        super().__init__(M=M, N=N, widths=widths, step=step)
+        del self.entropy_bottleneck  # the latent is coded by the Gaussian conditional instead
+        if 9 * H > _MAX_TERMS:
+            raise ValueError("too many side channels for exact float64 synthesis")
+        self.config["H"] = int(H)
+        self.H = int(H)
+        hw = 48
+        self.h_a = nn.Sequential(
+            nn.Conv2d(self.M, H, 3, padding=1),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(H, H, 5, stride=2, padding=2),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(H, H, 5, stride=2, padding=2),
+        )
+        self.hyper_bottleneck = EntropyBottleneck(H)
+        self.h_s1 = nn.Conv2d(H, 4 * hw, 3, padding=1)
+        self.h_s2 = nn.Conv2d(hw, 4 * 2 * self.M, 1)
+        nn.init.zeros_(self.h_s2.weight)
+        nn.init.zeros_(_bias(self.h_s2))
+        table = [math.exp(t) for t in SCALE_LOG_TABLE]
+        self.gaussian_conditional = GaussianConditional(table, scale_bound=table[0])
+
+    # -- initialisation ---------------------------------------------------
+    @torch.no_grad()
+    def init_prior(self, y: Tensor) -> None:
+        """Start the hyper-synthesis at one Gaussian per channel fitted to latents ``y``."""
+        mean = y.mean(dim=(0, 2, 3))
+        log_std = torch.log(y.std(dim=(0, 2, 3)).clamp(min=0.11))
+        # Output channel c * 4 + k becomes channel c at sub-pixel k after the shuffle.
+        _bias(self.h_s2).copy_(torch.cat([mean, log_std]).repeat_interleave(4))
+
+    # -- training ---------------------------------------------------------
+    def hyper_synthesize(self, z_hat: Tensor, size: tuple[int, int]) -> tuple[Tensor, Tensor]:
+        """Side latent -> (means, log-scales) of a latent of ``size`` (float, training)."""
+        h = F.relu(F.pixel_shuffle(self.h_s1(z_hat), 2))
+        p = F.pixel_shuffle(self.h_s2(h), 2)[:, :, : size[0], : size[1]]
+        return p[:, : self.M], p[:, self.M :]
+
+    def forward(self, x: Tensor) -> dict[str, Any]:
+        """Training pass: rates from noisy latents, synthesis from rounded ones (straight-through)."""
+        y = self.g_a(x)
+        z = self.h_a(y * self.step)
+        z_hat, z_lik = self.hyper_bottleneck(z)
+        means, log_scales = self.hyper_synthesize(z_hat, (y.shape[2], y.shape[3]))
+        lo, hi = SCALE_LOG_TABLE[0], SCALE_LOG_TABLE[-1]
+        _, y_lik = self.gaussian_conditional(y, torch.exp(log_scales.clamp(lo, hi)), means)
+        y_round = torch.round(y - means) + means
+        x_hat = self.synthesize(y + (y_round - y).detach())
+        return {"x_hat": x_hat, "likelihoods": torch.cat([y_lik.flatten(), z_lik.flatten()])}
+
+    def aux_loss(self) -> Tensor:
+        """The side latent's quantile loss."""
+        loss: Tensor = self.hyper_bottleneck.loss()
+        return loss
+
+    @torch.no_grad()
+    def update_entropy_models(self) -> None:
+        """Compute the CDF tables coding uses (export, and evaluation during training)."""
+        self.hyper_bottleneck.update(force=True, update_quantiles=True)
+        self.gaussian_conditional.update_scale_table([math.exp(t) for t in SCALE_LOG_TABLE], force=True)
+
+    # -- exact inference --------------------------------------------------
+    def _hyper_grid_layers(self) -> list[tuple[Tensor, Tensor]]:
+        layers = []
+        for conv in (self.h_s1, self.h_s2):
+            assert conv.bias is not None
+            w, b = conv.weight.detach().double(), conv.bias.detach().double()
+            layers.append((_to_grid(w, WEIGHT_BITS, _W_MAX), _to_grid(b, WEIGHT_BITS, _B_MAX)))
+        return layers
+
+    @torch.no_grad()
+    def snap_synthesis_(self) -> None:
+        """Put the synthesis and hyper-synthesis weights on their exact grids, in place."""
+        super().snap_synthesis_()
+        for conv, (w, b) in zip((self.h_s1, self.h_s2), self._hyper_grid_layers(), strict=True):
+            conv.weight.copy_(w.float())
+            assert conv.bias is not None
+            conv.bias.copy_(b.float())
+
+    def exact_hyper(self, device: torch.device) -> Callable[[Tensor], tuple[Tensor, Tensor]]:
+        """Order-independent hyper-synthesis: float64 ``z_hat`` -> (scale indexes int32, means float64)."""
+        (w1, b1), (w2, b2) = [(w.to(device), b.to(device)) for w, b in self._hyper_grid_layers()]
+        thresholds = torch.tensor(SCALE_LOG_TABLE, dtype=torch.float64, device=device)
+        last = len(SCALE_LOG_TABLE) - 1
+
+        def run(z_hat: Tensor) -> tuple[Tensor, Tensor]:
+            z = _to_grid(z_hat.double(), ACT_BITS, _A_MAX)
+            h = _to_grid(torch.clamp_(F.pixel_shuffle(_conv(z, w1, b1, 1), 2), min=0.0), ACT_BITS, _A_MAX)
+            p = F.pixel_shuffle(_conv(h, w2, b2, 0), 2)
+            means, log_scales = p[:, : self.M], p[:, self.M :]
+            idx = torch.searchsorted(thresholds, log_scales.contiguous(), side="left").clamp_(max=last)
+            return idx.to(torch.int32), means
+
+        return run
