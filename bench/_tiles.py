@@ -6,7 +6,11 @@ Tiles are grouped by where they come from, so results can be reported per group:
 * ``patches`` – the tissue patches from other labs (PNG/TIFF/JPEG; mostly JPEG-sourced upstream)
 
 Each tile records its source file so results can also be split into the files a
-neural model trained on and the files it held out (see the model configs).
+neural model trained on and the files it held out (see the model configs), and
+the codec that coded its pixels before us (``source_codec``: ``jpeg`` or
+``jpeg2000`` from the slide's own metadata or the file type, else ``unknown``:
+a PNG/TIFF patch whose upstream scanner codec is not recorded).  A codec looks
+best on tiles that already carry its own artefacts, so results are split by it.
 """
 
 from __future__ import annotations
@@ -29,6 +33,33 @@ class EvalTile:
     x: int
     y: int
     pixels: np.ndarray
+    source_codec: str = "unknown"
+
+
+_DICOM_SYNTAX = {
+    "1.2.840.10008.1.2.4.50": "jpeg",
+    "1.2.840.10008.1.2.4.51": "jpeg",
+    "1.2.840.10008.1.2.4.90": "jpeg2000",
+    "1.2.840.10008.1.2.4.91": "jpeg2000",
+}
+_TIFF_COMPRESSION = {6: "jpeg", 7: "jpeg", 33003: "jpeg2000", 33005: "jpeg2000", 34712: "jpeg2000"}
+
+
+def source_codec(path: Path, properties: dict[str, str] | None = None) -> str:
+    """The codec that coded ``path``'s level-0 pixels: ``jpeg``, ``jpeg2000`` or ``unknown``."""
+    suffix = path.suffix.lower()
+    if suffix in (".jpg", ".jpeg"):
+        return "jpeg"
+    if suffix in (".jp2", ".j2k"):
+        return "jpeg2000"
+    if properties and "dicom.TransferSyntaxUID" in properties:
+        return _DICOM_SYNTAX.get(properties["dicom.TransferSyntaxUID"], "unknown")
+    if suffix in (".svs", ".tif", ".tiff", ".ndpi") and path.stat().st_size > 1 << 20:
+        import tifffile
+
+        with tifffile.TiffFile(path) as tif:
+            return _TIFF_COMPRESSION.get(int(tif.pages[0].compression), "unknown")
+    return "unknown"
 
 
 def _is_tissue(tile: np.ndarray) -> bool:
@@ -73,12 +104,13 @@ def load_tiles(per_slide: int = 12, per_patch: int = 2) -> list[EvalTile]:
         with OpenSlideReader(resolve_slide_file(path)) as slide:
             w, h = slide.dimensions
             img = np.asarray(slide.read_region((0, 0), 0, (w, h)).convert("RGB"))
+            codec = source_codec(resolve_slide_file(path), dict(slide.properties))
         for x, y, t in _crops(img, per_slide):
-            tiles.append(EvalTile("slides", path.name, x, y, t))
+            tiles.append(EvalTile("slides", path.name, x, y, t, codec))
     for path in sorted((DATA / "patches" / "tissue").iterdir()):
         img = np.asarray(Image.open(path).convert("RGB"))
         if min(img.shape[:2]) < TILE:
             continue
         for x, y, t in _crops(img, per_patch):
-            tiles.append(EvalTile("patches", path.name, x, y, t))
+            tiles.append(EvalTile("patches", path.name, x, y, t, source_codec(path)))
     return tiles

@@ -8,8 +8,10 @@ Then per codec: bpp at SSIM 0.95 and 0.97 (log-bpp interpolated along the curve)
 the saving against JPEG (the better of 4:2:0 and 4:4:4 at that SSIM), BD-rate
 against JPEG 4:4:4 (Bjøntegaard, cubic fit of log-rate over PSNR), and the median
 single-thread decode time per tile at the setting nearest SSIM 0.95.  Results are
-reported for all tiles and per group (``slides`` / ``patches``); for neural models,
-also split into files the model trained on and files it held out.
+reported for all tiles, per group (``slides`` / ``patches``), per codec that coded
+the source before us (``jpeg_sourced`` / ``jpeg2000_sourced`` / ``unknown_sourced``,
+see ``_tiles.source_codec``) and, for neural models, split into the files the
+model trained on and the files it held out.
 """
 
 from __future__ import annotations
@@ -245,6 +247,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  neural: done ({time.time() - t_start:.0f} s)")
 
     subsets = {"all": np.ones(len(tiles), bool), "slides": groups == "slides", "patches": groups == "patches"}
+    sourced = np.array([t.source_codec for t in tiles])
+    for codec_name in ("jpeg", "jpeg2000", "unknown"):
+        if (sourced == codec_name).any():
+            subsets[f"{codec_name}_sourced"] = sourced == codec_name
     if held_mask.any():
         subsets["held_out"] = held_mask
         subsets["trained_on"] = ~held_mask
@@ -252,6 +258,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine": {"platform": platform.platform(), "python": platform.python_version(), "torch_threads": 1},
         "tiles": {k: int(m.sum()) for k, m in subsets.items()},
         "sources": sorted({t.source for t in tiles}),
+        "source_codecs": {t.source: t.source_codec for t in tiles},
         "held_out_sources": sorted(held),
         "subsets": {},
         "wall_s": None,

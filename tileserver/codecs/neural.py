@@ -197,12 +197,12 @@ def _architectures() -> dict[str, Any]:
 
 
 def _coder_tables(module: Any) -> tuple[list[list[int]], list[int], list[int]]:
-    # Python lists for the rANS coder, converted once (CompressAI converts per call).
-    return (
-        module._quantized_cdf.tolist(),
-        module._cdf_length.reshape(-1).int().tolist(),
-        module._offset.reshape(-1).int().tolist(),
-    )
+    # Python lists for the rANS coder, converted once (CompressAI converts per call).  Each
+    # CDF is cut to its own length: the coder reads no further, and pybind11 copies every
+    # list on every call, so the padding of the wide scales would cost milliseconds per tile.
+    lengths = module._cdf_length.reshape(-1).int().tolist()
+    cdfs = [row[:n] for row, n in zip(module._quantized_cdf.tolist(), lengths, strict=True)]
+    return cdfs, lengths, module._offset.reshape(-1).int().tolist()
 
 
 class _Factorized:
@@ -241,7 +241,8 @@ class _Factorized:
         values = RansDecoder().decode_with_indexes(padded, indexes, self.cdfs, self.cdf_lengths, self.offsets)
         if len(values) != n:
             raise CorruptTile("neural: entropy decoder returned the wrong number of symbols")
-        return np.asarray(values, dtype=np.float64).reshape(self.channels, h, w) + self.medians[:, None, None].numpy()
+        latent = np.fromiter(values, dtype=np.int32, count=n).astype(np.float64).reshape(self.channels, h, w)
+        return latent + self.medians[:, None, None].numpy()
 
 
 class _Hyperprior:
@@ -294,7 +295,7 @@ class _Hyperprior:
         values = RansDecoder().decode_with_indexes(padded, indexes, self.cdfs, self.cdf_lengths, self.offsets)
         if len(values) != n:
             raise CorruptTile("neural: entropy decoder returned the wrong number of symbols")
-        return np.asarray(values, dtype=np.float64).reshape(self.M, h, w) + means
+        return np.fromiter(values, dtype=np.int32, count=n).astype(np.float64).reshape(self.M, h, w) + means
 
 
 class _Model:

@@ -54,11 +54,15 @@ __all__ = [
     "BIAS_RANGE_BITS",
     "BLOCK",
     "KLTPS",
+    "SCALE_LEVELS",
+    "SCALE_LOG_MIN",
+    "SCALE_LOG_STEP",
     "SCALE_LOG_TABLE",
     "WEIGHT_BITS",
     "KLTHyper",
     "fit_klt",
     "image_blocks",
+    "scale_indexes",
 ]
 
 #: block side of the transform (the latent stride)
@@ -204,20 +208,40 @@ class KLTPS(nn.Module):
     def exact_synthesizer(self, device: torch.device) -> Callable[[Tensor], Tensor]:
         """Order-independent synthesis: float64 latents ``B x M x h x w`` -> uint8 ``B x 3 x 8h x 8w``."""
         layers = [(w.to(device), b.to(device)) for w, b in self._grid_layers()]
+        # The inverse's 8x shuffle, re-ordered so that a 4x shuffle lands it in the layout of the
+        # last stage before its 2x shuffle: the sum, rounding and uint8 conversion then happen
+        # before the final shuffle, which moves bytes instead of doubles.
+        perm = torch.tensor(
+            [
+                c * 64 + (2 * i + a) * 8 + (2 * j + b)
+                for c in range(3)
+                for a in range(2)
+                for b in range(2)
+                for i in range(4)
+                for j in range(4)
+            ],
+            device=device,
+        )
+        w0, b0 = layers[0][0][perm], layers[0][1][perm]
 
         def run(y_hat: Tensor) -> Tensor:
             y = _to_grid(y_hat.double(), ACT_BITS, _A_MAX)
-            w0, b0 = layers[0]
-            base = F.pixel_shuffle(_conv(y, w0, b0, 0), BLOCK)
+            base = F.pixel_shuffle(_conv(y, w0, b0, 0), BLOCK // 2)
             r = y
             for i, (w, b) in enumerate(layers[1:]):
                 r = _conv(r, w, b, 1)
                 if i < 2:
-                    r = _to_grid(torch.clamp_(r, min=0.0), ACT_BITS, _A_MAX)
-                r = F.pixel_shuffle(r, 2)
-            return torch.clamp(torch.round((base + r) * 255.0), 0.0, 255.0).to(torch.uint8)
+                    r = F.pixel_shuffle(_relu_grid_(r), 2)
+            # One correctly rounded multiply per pixel: identical on every IEEE-754 machine.
+            out = base.add_(r).mul_(255.0).round_().clamp_(0.0, 255.0).to(torch.uint8)
+            return F.pixel_shuffle(out, 2)
 
         return run
+
+
+def _relu_grid_(x: Tensor) -> Tensor:
+    """In place: ReLU, clamp to the activation range, round onto the activation grid (all exact)."""
+    return x.clamp_(0.0, _A_MAX).mul_(2.0**ACT_BITS).round_().mul_(2.0**-ACT_BITS)
 
 
 def _bias(conv: nn.Conv2d) -> Tensor:
@@ -258,10 +282,17 @@ def image_blocks(images: npt.NDArray[np.uint8]) -> npt.NDArray[np.float64]:
     return blocks.reshape(-1, BLOCK * BLOCK * c)
 
 
-#: log-scale thresholds of the Gaussian scale table: ln 0.11 .. ln 128 in 64 steps, on a 2**-16 grid
-SCALE_LOG_TABLE: tuple[float, ...] = tuple(
-    round((math.log(0.11) + i * (math.log(128.0) - math.log(0.11)) / 63) * 2**16) / 2**16 for i in range(64)
-)
+#: the Gaussian scale table: scale i is exp(SCALE_LOG_MIN + i * SCALE_LOG_STEP), i < SCALE_LEVELS
+SCALE_LOG_MIN = round(math.log(0.11) * 2**16) / 2**16
+SCALE_LOG_STEP = 0.125
+SCALE_LEVELS = 58  # up to 0.11 * exp(57 / 8) = 137
+SCALE_LOG_TABLE: tuple[float, ...] = tuple(SCALE_LOG_MIN + i * SCALE_LOG_STEP for i in range(SCALE_LEVELS))
+
+
+def scale_indexes(log_scales: Tensor) -> Tensor:
+    """Table index of each float64 log-scale: the smallest table scale not below it (exact arithmetic)."""
+    idx = torch.ceil((log_scales - SCALE_LOG_MIN) * (1.0 / SCALE_LOG_STEP))
+    return idx.clamp_(0, SCALE_LEVELS - 1).to(torch.int32)
 
 
 class KLTHyper(KLTPS):
@@ -365,15 +396,12 @@ class KLTHyper(KLTPS):
     def exact_hyper(self, device: torch.device) -> Callable[[Tensor], tuple[Tensor, Tensor]]:
         """Order-independent hyper-synthesis: float64 ``z_hat`` -> (scale indexes int32, means float64)."""
         (w1, b1), (w2, b2) = [(w.to(device), b.to(device)) for w, b in self._hyper_grid_layers()]
-        thresholds = torch.tensor(SCALE_LOG_TABLE, dtype=torch.float64, device=device)
-        last = len(SCALE_LOG_TABLE) - 1
 
         def run(z_hat: Tensor) -> tuple[Tensor, Tensor]:
             z = _to_grid(z_hat.double(), ACT_BITS, _A_MAX)
-            h = _to_grid(torch.clamp_(F.pixel_shuffle(_conv(z, w1, b1, 1), 2), min=0.0), ACT_BITS, _A_MAX)
+            h = _relu_grid_(F.pixel_shuffle(_conv(z, w1, b1, 1), 2))
             p = F.pixel_shuffle(_conv(h, w2, b2, 0), 2)
             means, log_scales = p[:, : self.M], p[:, self.M :]
-            idx = torch.searchsorted(thresholds, log_scales.contiguous(), side="left").clamp_(max=last)
-            return idx.to(torch.int32), means
+            return scale_indexes(log_scales), means
 
         return run
