@@ -102,7 +102,7 @@ def test_config_rejects_unknown_distortion(tmp_path: Path) -> None:
     from tileserver.train import load_config
 
     src = Path(__file__).resolve().parents[2] / "tileserver" / "codecs" / "configs"
-    text = next(iter(sorted(src.glob("klt-hp-q*.toml")))).read_text().replace('"ssim"', '"psnr"')
+    text = next(iter(sorted(src.glob("klt-hp-s*.toml")))).read_text().replace('"ssim"', '"psnr"')
     bad = tmp_path / "bad.toml"
     bad.write_text(text)
     with pytest.raises(ConfigError, match="distortion"):
@@ -115,7 +115,7 @@ def test_ssim_loss_is_lambda_times_one_minus_ssim_plus_rate() -> None:
     from tileserver.train import load_config, rd_loss
 
     src = Path(__file__).resolve().parents[2] / "tileserver" / "codecs" / "configs"
-    cfg = load_config(next(iter(sorted(src.glob("klt-hp-q*.toml")))))
+    cfg = load_config(next(iter(sorted(src.glob("klt-hp-s*.toml")))))
     torch.manual_seed(0)
     x = torch.rand(2, 3, 32, 32)
     x_hat = (x + 0.05 * torch.randn_like(x)).clamp(0, 1)

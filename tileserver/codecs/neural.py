@@ -19,7 +19,9 @@ Tile bitstream, format version 1 (little-endian)::
     12     1     latent height  == ceil(H / stride), stride 8 or 16 by architecture
     13     1     latent width   == ceil(W / stride)
     14     4     CRC-32 of the payload
-    18     ...   payload: CompressAI rANS string of the M x h x w latent symbols
+    18     ...   payload: CompressAI rANS string of the M x h x w latent symbols; with a
+                 hyperprior (klt-hp8): u32 length of the side string, the side string
+                 (H x ceil(h/4) x ceil(w/4) symbols), then the latent string
 
 Everything in the header is validated, and the payload's CRC checked, before the
 entropy decoder sees a byte: CompressAI's rANS decoder does no bounds checking,
@@ -27,9 +29,10 @@ so truncated or random input must never reach it.  The payload is also padded
 with zeros so that even a crafted stream with a valid CRC can only read padding.
 
 Decoded pixels are bit-identical whatever the batch size, batch composition,
-thread count or device: the synthesis runs on exact fixed-point grids in
-float64 (see ``models/klt.py`` and ``models/factorized.py``), and the factorized prior's CDF tables
-are fixed at export.
+thread count or device: the synthesis (and the hyper-synthesis that picks each
+symbol's Gaussian) runs on exact fixed-point grids in float64 (see
+``models/klt.py`` and ``models/factorized.py``), scale indexes are exact
+arithmetic, and the entropy models' CDF tables are fixed at export.
 """
 
 from __future__ import annotations
