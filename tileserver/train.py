@@ -2,9 +2,9 @@
 
 Usage::
 
-    python -m tileserver.train tileserver/codecs/configs/q3.toml            # train (resumes from ckpt)
-    python -m tileserver.train tileserver/codecs/configs/q3.toml --until 11:20   # stop at 11:20 UTC
-    python -m tileserver.train tileserver/codecs/configs/q3.toml --export   # write package weights
+    python -m tileserver.train tileserver/codecs/configs/klt-hp-s140.toml            # train (resumes from ckpt)
+    python -m tileserver.train tileserver/codecs/configs/klt-hp-s140.toml --until 11:20   # stop at 11:20 UTC
+    python -m tileserver.train tileserver/codecs/configs/klt-hp-s140-256.toml --export   # write package weights
 
 A config (TOML) names the architecture and its arguments, the rate–distortion
 trade-off ``lambda`` and its ``distortion`` (``"mse"``: loss = lambda * 255^2 * MSE
@@ -333,21 +333,29 @@ def train(cfg: TrainConfig, *, data_dir: Path, until: dt.datetime | None, thread
     aux_opt = torch.optim.Adam(aux_params, lr=cfg.aux_lr)
     ckpt_path = cfg.run_dir / "ckpt.pt"
     step, wall = 0, 0.0
+    before: dict[str, Any] = {}  # steps and minutes of the checkpoint this run started from
+    images, _ = load_images(cfg, data_dir)
     if ckpt_path.exists():
         ck = torch.load(ckpt_path, map_location=device, weights_only=False)
         load_state(model, ck["model"])
         opt.load_state_dict(ck["opt"])
         aux_opt.load_state_dict(ck["aux_opt"])
         step, wall = int(ck["step"]), float(ck.get("wall", 0.0))
+        before = dict(ck.get("init", {}))
         _log(cfg, f"resumed {cfg.name} at step {step} ({wall / 60:.1f} min so far)")
     elif cfg.init == "pca":
-        _init_pca(cfg, model, load_images(cfg, data_dir)[0], device)
+        _init_pca(cfg, model, images, device)
     elif cfg.init:
         base = load_config(Path(cfg.init) if Path(cfg.init).is_absolute() else cfg.path.parent / cfg.init)
         ck = torch.load(base.run_dir / "ckpt.pt", map_location=device, weights_only=False)
         load_state(model, ck["model"])
+        prior = dict(ck.get("init", {}))
+        before = {
+            "config": str(base.path.name),
+            "steps": int(ck["step"]) + int(prior.get("steps", 0)),
+            "train_minutes": round((float(ck.get("wall", 0.0)) / 60 + float(prior.get("train_minutes", 0.0))), 1),
+        }
         _log(cfg, f"initialised {cfg.name} from {base.name} step {ck['step']}")
-    images, _ = load_images(cfg, data_dir)
     tiles = eval_tiles(cfg, data_dir)
     _log(
         cfg,
@@ -365,6 +373,7 @@ def train(cfg: TrainConfig, *, data_dir: Path, until: dt.datetime | None, thread
                 "aux_opt": aux_opt.state_dict(),
                 "step": step,
                 "wall": wall,
+                "init": before,
                 "config": str(cfg.path),
             },
             tmp,
@@ -445,6 +454,8 @@ def export(cfg: TrainConfig, *, data_dir: Path, weights_dir: Path = WEIGHTS_DIR)
         "steps": int(ck["step"]),
         "train_minutes": round(float(ck.get("wall", 0.0)) / 60, 1),
     }
+    if ck.get("init"):
+        meta["init"] = dict(ck["init"])  # the run it was fine-tuned from (steps and minutes before this one)
     entry = save_weights(model, name=cfg.name, quality=cfg.quality, weights_dir=weights_dir, meta=meta)
     # Evaluate what was exported (CDFs updated, synthesis on its grid), then record it.
     metrics = evaluate(model, eval_tiles(cfg, data_dir))
