@@ -23,13 +23,12 @@ difference between minutes and days.
 
 Exact decoding.  As in ``factorized.py`` the synthesis runs in float64 on
 fixed grids, with finer weights (the KLT basis times a small step needs them):
-weights are multiples of ``2**-WEIGHT_BITS`` with ``|w| < 2``, biases multiples
-of ``2**-WEIGHT_BITS`` with ``|b| < 2**BIAS_RANGE_BITS`` (the hyper-synthesis's
-biases carry log-scales and means), activations multiples of ``2**-ACT_BITS``
-with ``|a| < 2**ACT_RANGE_BITS``.  Every product is then a multiple of
-``2**-(WEIGHT_BITS + ACT_BITS)`` below ``2**(1 + ACT_RANGE_BITS)``; a sum of at
-most ``2**11`` of them plus a bias stays below ``2**22``, so it needs at most
-52 significant bits, which float64 holds exactly whatever the summation order.
+weights and biases are multiples of ``2**-WEIGHT_BITS``, activations multiples of
+``2**-ACT_BITS`` with ``|a| < 2**ACT_RANGE_BITS``, so every product is a multiple
+of ``2**-30``.  A layer whose outputs sum ``T`` products may have weights
+``|w| < 2**(12 - ceil(log2 T))`` and biases ``|b| < 2**BIAS_RANGE_BITS``: every
+partial sum then stays below ``2**22 + 2**12 < 2**23`` and needs at most 53
+significant bits, which float64 holds exactly whatever the summation order.
 So batch, threads and device cannot change a pixel, nor a scale index.
 """
 
@@ -71,10 +70,15 @@ WEIGHT_BITS = 20
 ACT_BITS = 10
 ACT_RANGE_BITS = 10
 BIAS_RANGE_BITS = 12
-_W_MAX = 2.0 - 2.0**-WEIGHT_BITS
 _B_MAX = 2.0**BIAS_RANGE_BITS - 2.0**-WEIGHT_BITS
 _A_MAX = 2.0**ACT_RANGE_BITS - 2.0**-ACT_BITS
 _MAX_TERMS = 2**11
+
+
+def _w_max(conv: nn.Conv2d) -> float:
+    """Largest exact weight of ``conv`` (see the module docstring): 2**(12 - ceil(log2 T)), T terms per sum."""
+    terms = conv.in_channels * conv.kernel_size[0] * conv.kernel_size[1]
+    return 2.0 ** (12 - math.ceil(math.log2(terms))) - 2.0**-WEIGHT_BITS
 
 
 class _Analysis(nn.Module):
@@ -176,32 +180,35 @@ class KLTPS(nn.Module):
     # -- exact inference --------------------------------------------------
     def _grid_layers(self) -> list[tuple[Tensor, Tensor]]:
         # The step is folded into the first layers, whose input is then the latent itself.
-        w0, b0 = self.inverse.weight.detach().double() * self.step, _bias(self.inverse).detach().double()
-        layers = [(w0, b0)]
-        for i, stage in enumerate(self.g_s):
-            assert isinstance(stage, _SubPixel)
-            w = stage.conv.weight.detach().double() * (self.step if i == 0 else 1.0)
-            layers.append((w, stage.bias.detach().double()))
-        return [(_to_grid(w, WEIGHT_BITS, _W_MAX), _to_grid(b, WEIGHT_BITS, _B_MAX)) for w, b in layers]
+        layers = []
+        for i, conv in enumerate(self._synthesis_convs()):
+            w = conv.weight.detach().double() * (self.step if i <= 1 else 1.0)
+            b = _bias(conv).detach().double()
+            layers.append((_to_grid(w, WEIGHT_BITS, _w_max(conv)), _to_grid(b, WEIGHT_BITS, _B_MAX)))
+        return layers
+
+    def _synthesis_convs(self) -> list[nn.Conv2d]:
+        return [self.inverse] + [s.conv for s in self.g_s if isinstance(s, _SubPixel)]
+
+    def _exact_convs(self) -> list[tuple[nn.Conv2d, float]]:
+        """Every convolution the exact decoder runs, with the scale folded into its weights."""
+        return [(c, self.step if i <= 1 else 1.0) for i, c in enumerate(self._synthesis_convs())]
 
     def _check_ranges(self) -> None:
         # Snapping clamps silently; a trained weight outside the grid's range would decode
         # differently from the float model, so refuse to export it.
-        for name, p in self.named_parameters():
-            if name.startswith(("inverse.", "g_s.", "h_s")):
-                limit = _B_MAX if name.endswith("bias") else _W_MAX
-                scale = self.step if name.startswith(("inverse.weight", "g_s.0.conv.weight")) else 1.0
-                if float(p.detach().abs().max()) * scale > limit:
-                    raise ValueError(f"{name} exceeds the exact-decoding range (|x| <= {limit:g})")
+        for conv, scale in self._exact_convs():
+            w_limit = _w_max(conv)
+            if float(conv.weight.detach().abs().max()) * scale > w_limit:
+                raise ValueError(f"a {tuple(conv.weight.shape)} weight exceeds the exact-decoding range {w_limit:g}")
+            if float(_bias(conv).detach().abs().max()) > _B_MAX:
+                raise ValueError(f"a {tuple(conv.weight.shape)} bias exceeds the exact-decoding range {_B_MAX:g}")
 
     @torch.no_grad()
     def snap_synthesis_(self) -> None:
         """Put the synthesis weights on the exact-decoding grid, in place (export)."""
         self._check_ranges()
-        layers = self._grid_layers()
-        convs: list[nn.Conv2d] = [self.inverse] + [s.conv for s in self.g_s if isinstance(s, _SubPixel)]
-        for i, (conv, (w, b)) in enumerate(zip(convs, layers, strict=True)):
-            scale = self.step if i <= 1 else 1.0
+        for (conv, scale), (w, b) in zip(KLTPS._exact_convs(self), self._grid_layers(), strict=True):
             conv.weight.copy_((w / scale).float())
             _bias(conv).copy_(b.float())
 
@@ -379,10 +386,12 @@ class KLTHyper(KLTPS):
     def _hyper_grid_layers(self) -> list[tuple[Tensor, Tensor]]:
         layers = []
         for conv in (self.h_s1, self.h_s2):
-            assert conv.bias is not None
-            w, b = conv.weight.detach().double(), conv.bias.detach().double()
-            layers.append((_to_grid(w, WEIGHT_BITS, _W_MAX), _to_grid(b, WEIGHT_BITS, _B_MAX)))
+            w, b = conv.weight.detach().double(), _bias(conv).detach().double()
+            layers.append((_to_grid(w, WEIGHT_BITS, _w_max(conv)), _to_grid(b, WEIGHT_BITS, _B_MAX)))
         return layers
+
+    def _exact_convs(self) -> list[tuple[nn.Conv2d, float]]:
+        return [*super()._exact_convs(), (self.h_s1, 1.0), (self.h_s2, 1.0)]
 
     @torch.no_grad()
     def snap_synthesis_(self) -> None:
@@ -390,8 +399,7 @@ class KLTHyper(KLTPS):
         super().snap_synthesis_()
         for conv, (w, b) in zip((self.h_s1, self.h_s2), self._hyper_grid_layers(), strict=True):
             conv.weight.copy_(w.float())
-            assert conv.bias is not None
-            conv.bias.copy_(b.float())
+            _bias(conv).copy_(b.float())
 
     def exact_hyper(self, device: torch.device) -> Callable[[Tensor], tuple[Tensor, Tensor]]:
         """Order-independent hyper-synthesis: float64 ``z_hat`` -> (scale indexes int32, means float64)."""
