@@ -260,7 +260,10 @@ def _bias(conv: nn.Conv2d) -> Tensor:
 
 def _conv(x: Tensor, w: Tensor, b: Tensor, padding: int) -> Tensor:
     if x.device.type == "cpu":
-        # CPU float64 convolution is im2col + GEMM, exact on these grids.
+        # CPU float64 convolution is im2col + GEMM, exact on these grids in any summation order;
+        # channels-last input runs the 3x3 layers about 25 % faster here (bench/decode.py).
+        if w.shape[-1] > 1:
+            x = x.contiguous(memory_format=torch.channels_last)
         return F.conv2d(x, w, b, padding=padding)
     # cuDNN may pick FFT/Winograd algorithms, which are not exact; im2col + GEMM is.
     n, _, h, wd = x.shape
