@@ -28,7 +28,15 @@ from compressai.entropy_models import EntropyBottleneck
 from compressai.layers import GDN
 from torch import Tensor, nn
 
-__all__ = ["ACT_BITS", "ACT_RANGE_BITS", "STRIDE", "WEIGHT_BITS", "FactorizedPS", "quantize_weights_"]
+__all__ = [
+    "ACT_BITS",
+    "ACT_RANGE_BITS",
+    "STRIDE",
+    "WEIGHT_BITS",
+    "FactorizedPS",
+    "FactorizedPrior",
+    "quantize_weights_",
+]
 
 #: spatial downsampling factor between pixels and latents
 STRIDE = 16
@@ -72,7 +80,23 @@ class _SubPixel(nn.Module):
         return F.pixel_shuffle(self.conv(x), 2)
 
 
-class FactorizedPS(nn.Module):
+class FactorizedPrior:
+    """The latent coded by one ``EntropyBottleneck`` (a density per channel): its losses and tables."""
+
+    entropy_bottleneck: EntropyBottleneck
+
+    def aux_loss(self) -> Tensor:
+        """The entropy bottleneck's quantile loss."""
+        loss: Tensor = self.entropy_bottleneck.loss()
+        return loss
+
+    @torch.no_grad()
+    def update_entropy_models(self) -> None:
+        """Compute the CDF tables coding uses (export, and evaluation during training)."""
+        self.entropy_bottleneck.update(force=True, update_quantiles=True)
+
+
+class FactorizedPS(FactorizedPrior, nn.Module):
     """Factorized prior, GDN analysis, ReLU sub-pixel synthesis; latent stride 16.
 
     ``N``: analysis width; ``M``: latent channels; ``widths``: synthesis widths
@@ -108,16 +132,6 @@ class FactorizedPS(nn.Module):
         y = self.g_a(x)
         y_hat, likelihoods = self.entropy_bottleneck(y)
         return {"x_hat": self.synthesize(y_hat), "likelihoods": likelihoods}
-
-    def aux_loss(self) -> Tensor:
-        """The entropy bottleneck's quantile loss."""
-        loss: Tensor = self.entropy_bottleneck.loss()
-        return loss
-
-    @torch.no_grad()
-    def update_entropy_models(self) -> None:
-        """Compute the CDF tables coding uses (export, and evaluation during training)."""
-        self.entropy_bottleneck.update(force=True, update_quantiles=True)
 
     # -- exact inference --------------------------------------------------
     def synthesis_layers(self) -> list[tuple[Tensor, Tensor]]:

@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from compressai.entropy_models import EntropyBottleneck, GaussianConditional
 from torch import Tensor, nn
 
-from .factorized import _SubPixel, _to_grid
+from .factorized import FactorizedPrior, _SubPixel, _to_grid
 
 __all__ = [
     "ACT_BITS",
@@ -97,7 +97,7 @@ class _Analysis(nn.Module):
         return out
 
 
-class KLTPS(nn.Module):
+class KLTPS(FactorizedPrior, nn.Module):
     """KLT-initialised stride-8 transform coder (see the module docstring).
 
     ``M``: latent channels (at most 192); ``N``: width of the analysis refinement;
@@ -166,16 +166,6 @@ class KLTPS(nn.Module):
         medians = self.entropy_bottleneck._get_medians().detach()
         y_round = torch.round(y - medians) + medians
         return {"x_hat": self.synthesize(y + (y_round - y).detach()), "likelihoods": likelihoods}
-
-    def aux_loss(self) -> Tensor:
-        """The entropy bottleneck's quantile loss."""
-        loss: Tensor = self.entropy_bottleneck.loss()
-        return loss
-
-    @torch.no_grad()
-    def update_entropy_models(self) -> None:
-        """Compute the CDF tables coding uses (export, and evaluation during training)."""
-        self.entropy_bottleneck.update(force=True, update_quantiles=True)
 
     # -- exact inference --------------------------------------------------
     def _grid_layers(self) -> list[tuple[Tensor, Tensor]]:
