@@ -232,10 +232,11 @@ def evaluate(model: Any, tiles: list[npt.NDArray[np.uint8]]) -> dict[str, float]
 
     bpps, psnrs, ssims = [], [], []
     was_training = model.training
+    device = next(model.parameters()).device
     model.eval()
     with torch.inference_mode():
         for t in tiles:
-            x = torch.from_numpy(np.array(t)).permute(2, 0, 1)[None].float() / 255.0
+            x = torch.from_numpy(np.array(t)).permute(2, 0, 1)[None].to(device).float() / 255.0
             h, w = x.shape[2:]
             ph, pw = (-h) % 16, (-w) % 16
             xp = torch.nn.functional.pad(x, (0, pw, 0, ph), mode="replicate")
@@ -486,13 +487,16 @@ def _add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
     ap.add_argument("--data", type=Path, default=Path(os.environ.get("TILESERVER_TEST_DATA", DEFAULT_DATA)))
+    ap.add_argument(
+        "--weights-dir", type=Path, default=WEIGHTS_DIR, help="where --export writes (default: the package's weights)"
+    )
 
 
 def _run(args: argparse.Namespace) -> int:
     for path in args.config:
         cfg = load_config(path)
         if args.export:
-            export(cfg, data_dir=args.data)
+            export(cfg, data_dir=args.data, weights_dir=args.weights_dir)
         else:
             train(cfg, data_dir=args.data, until=_parse_until(args.until), threads=args.threads, device=args.device)
     return 0
