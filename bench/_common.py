@@ -9,6 +9,9 @@ from typing import Any
 
 import numpy as np
 
+#: XML namespace of a Deep Zoom descriptor
+DZI_NS = "{http://schemas.microsoft.com/deepzoom/2008}"
+
 
 def free_port(host: str = "127.0.0.1") -> int:
     """A TCP port free on ``host`` now."""
@@ -54,3 +57,25 @@ def psnr_batch(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Per-tile PSNR (dB) of ``N x H x W x 3`` uint8 stacks."""
     mse = ((a.astype(np.float64) - b.astype(np.float64)) ** 2).reshape(len(a), -1).mean(axis=1)
     return np.asarray(10 * np.log10(255.0**2 / np.maximum(mse, 1e-10)))
+
+
+def dzi_tile_urls(url: str, slide: str, levels: int | None = None) -> list[str]:
+    """Every tile URL of the finest ``levels`` Deep Zoom levels of ``slide`` (all levels when None)."""
+    import xml.etree.ElementTree as ET
+    from urllib.parse import quote
+
+    import requests
+
+    base = f"{url}/{quote(slide)}"
+    root = ET.fromstring(requests.get(base + ".dzi", timeout=60).content)
+    size = root.find(f"{DZI_NS}Size")
+    assert size is not None
+    w, h = int(size.attrib["Width"]), int(size.attrib["Height"])
+    ts, fmt = int(root.attrib["TileSize"]), root.attrib["Format"]
+    top = (max(w, h) - 1).bit_length()  # ceil(log2(max(w, h)))
+    urls = []
+    for level in range(top, top - (top + 1 if levels is None else levels), -1):
+        cols, rows = -(-w // ts), -(-h // ts)
+        urls += [f"{base}_files/{level}/{c}_{r}.{fmt}" for c in range(cols) for r in range(rows)]
+        w, h = max(1, -(-w // 2)), max(1, -(-h // 2))
+    return urls

@@ -19,21 +19,18 @@ import statistics
 import subprocess
 import sys
 import time
-import xml.etree.ElementTree as ET
 from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
 
 import requests
-from _common import free_port
+from _common import dzi_tile_urls, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_SLIDES = Path(os.environ.get("TILESERVER_TEST_DATA", ROOT.parent / "shared" / "data")) / "slides"
-NS = "{http://schemas.microsoft.com/deepzoom/2008}"
 
 
 @contextmanager
@@ -59,24 +56,6 @@ def _server(slides: Path, workers: int, threads: int) -> Iterator[str]:
     finally:
         proc.terminate()
         proc.wait(30)
-
-
-def _tile_urls(url: str, slide: str) -> list[str]:
-    base = f"{url}/{quote(slide)}"
-    root = ET.fromstring(requests.get(base + ".dzi", timeout=30).content)
-    size = root.find(f"{NS}Size")
-    assert size is not None
-    w, h = int(size.attrib["Width"]), int(size.attrib["Height"])
-    ts, fmt = int(root.attrib["TileSize"]), root.attrib["Format"]
-    urls = []
-    level = max(w, h).bit_length() if max(w, h) & (max(w, h) - 1) else max(w, h).bit_length() - 1
-    while True:
-        cols, rows = -(-w // ts), -(-h // ts)
-        urls += [f"{base}_files/{level}/{c}_{r}.{fmt}" for c in range(cols) for r in range(rows)]
-        if level == 0:
-            break
-        w, h, level = max(1, -(-w // 2)), max(1, -(-h // 2)), level - 1
-    return urls
 
 
 def _run(urls: list[str], clients: int) -> dict[str, Any]:
@@ -143,7 +122,7 @@ def main() -> int:
     }
     with target() as url:
         for slide in slides:
-            urls = _tile_urls(url, slide)
+            urls = dzi_tile_urls(url, slide)
             random.Random(args.seed).shuffle(urls)
             cold = _run(urls, args.clients)
             warm = _run(urls * args.warm_rounds, args.clients)

@@ -36,7 +36,6 @@ import sys
 import tempfile
 import threading
 import time
-import xml.etree.ElementTree as ET
 from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -48,12 +47,11 @@ from urllib.parse import quote
 
 import psutil
 import requests
-from _common import free_port
+from _common import dzi_tile_urls, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("TILESERVER_TEST_DATA", ROOT.parent / "shared" / "data"))
 SOURCES = [DATA / "slides" / "CMU-1-Small-Region.svs", DATA / "slides" / "test3-TRITC 2 (560).ndpi"]
-NS = "{http://schemas.microsoft.com/deepzoom/2008}"
 MB = 1024 * 1024
 #: added to an idle worker's RSS to make the fixed per-worker overhead (decode buffers, Python heaps)
 OVERHEAD_MARGIN_MB = 256
@@ -164,23 +162,6 @@ def _rss(procs: list[psutil.Process]) -> int:
     return total
 
 
-def tile_urls(url: str, slide: str, levels: int) -> list[str]:
-    """Every tile URL of the finest ``levels`` Deep Zoom levels of ``slide``."""
-    base = f"{url}/{quote(slide)}"
-    root = ET.fromstring(requests.get(base + ".dzi", timeout=60).content)
-    size = root.find(f"{NS}Size")
-    assert size is not None
-    w, h = int(size.attrib["Width"]), int(size.attrib["Height"])
-    ts, fmt = int(root.attrib["TileSize"]), root.attrib["Format"]
-    top = (max(w, h) - 1).bit_length()  # ceil(log2(max(w, h)))
-    urls = []
-    for k in range(levels):
-        cols, rows = -(-w // ts), -(-h // ts)
-        urls += [f"{base}_files/{top - k}/{c}_{r}.{fmt}" for c in range(cols) for r in range(rows)]
-        w, h = max(1, -(-w // 2)), max(1, -(-h // 2))
-    return urls
-
-
 @dataclass
 class Sample:
     t: float  # seconds since the start of the load
@@ -271,7 +252,7 @@ def soak(args: argparse.Namespace) -> dict[str, Any]:
         prep_s = time.monotonic() - t_prep
         log = Path(tmp) / "serve.log"
         with server(folder, args.workers, args.threads, cache_bytes, log) as (url, master):
-            tiles = [u for s in slides for u in tile_urls(url, s, args.levels)]
+            tiles = [u for s in slides for u in dzi_tile_urls(url, s, args.levels)]
             idle_rss = _rss(_workers(master)) / args.workers
             # The caches a worker may fill besides the tile cache, all bounded: one OpenSlide cache
             # shared by its OpenSlide slides, our container reader 64 decoded tiles per open slide.
