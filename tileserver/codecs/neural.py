@@ -199,13 +199,35 @@ def _architectures() -> dict[str, Any]:
     return dict(ARCHITECTURES)
 
 
-def _coder_tables(module: Any) -> tuple[list[list[int]], list[int], list[int]]:
-    # Python lists for the rANS coder, converted once (CompressAI converts per call).  Each
-    # CDF is cut to its own length: the coder reads no further, and pybind11 copies every
-    # list on every call, so the padding of the wide scales would cost milliseconds per tile.
-    lengths = module._cdf_length.reshape(-1).int().tolist()
-    cdfs = [row[:n] for row, n in zip(module._quantized_cdf.tolist(), lengths, strict=True)]
-    return cdfs, lengths, module._offset.reshape(-1).int().tolist()
+class _Tables:
+    """One entropy model's CDF tables, as CompressAI's rANS coder takes them, converted once.
+
+    Each CDF is cut to its own length: the coder reads no further, and pybind11 copies every
+    list on every call, so the padding of the wide scales would cost milliseconds per tile.
+    """
+
+    def __init__(self, module: Any) -> None:
+        self.lengths: list[int] = module._cdf_length.reshape(-1).int().tolist()
+        self.cdfs = [row[:n] for row, n in zip(module._quantized_cdf.tolist(), self.lengths, strict=True)]
+        self.offsets: list[int] = module._offset.reshape(-1).int().tolist()
+
+    def encode(self, encoder: Any, symbols: Any, indexes: list[int]) -> bytes:
+        data: bytes = encoder.encode_with_indexes(
+            symbols.reshape(-1).tolist(), indexes, self.cdfs, self.lengths, self.offsets
+        )
+        return data
+
+    def decode(self, data: bytes, indexes: list[int]) -> Any:
+        """The ``len(indexes)`` int32 symbols of ``data``; raises ``CorruptTile``."""
+        from compressai.ans import RansDecoder
+
+        n = len(indexes)
+        # Zero padding bounds what a crafted stream can make the unchecked rANS decoder read.
+        padded = data + bytes(4 * n + 64)
+        values = RansDecoder().decode_with_indexes(padded, indexes, self.cdfs, self.lengths, self.offsets)
+        if len(values) != n:
+            raise CorruptTile("neural: entropy decoder returned the wrong number of symbols")
+        return np.fromiter(values, dtype=np.int32, count=n)
 
 
 class _Factorized:
@@ -213,8 +235,8 @@ class _Factorized:
 
     def __init__(self, eb: Any, channels: int) -> None:
         self.channels = channels
-        self.cdfs, self.cdf_lengths, self.offsets = _coder_tables(eb)
-        self.medians = eb.quantiles[:, 0, 1].detach().double().cpu()
+        self.tables = _Tables(eb)
+        self.medians = eb.quantiles[:, 0, 1].detach().double().cpu().numpy()[:, None, None]
         self._indexes: dict[tuple[int, int], list[int]] = {}
 
     def indexes(self, h: int, w: int) -> list[int]:
@@ -225,27 +247,19 @@ class _Factorized:
             self._indexes[key] = idx
         return idx
 
-    def encode(self, encoder: Any, y: Any) -> tuple[bytes, Any]:
-        """``C x h x w`` float64 latent -> (rANS string, the latent the decoder will see)."""
-        symbols = np.round(y - self.medians[:, None, None].numpy()).astype(np.int32)
-        data = encoder.encode_with_indexes(
-            symbols.reshape(-1).tolist(), self.indexes(*y.shape[1:]), self.cdfs, self.cdf_lengths, self.offsets
-        )
-        return data, symbols + self.medians[:, None, None].numpy()
+    def quantize(self, y: Any) -> tuple[Any, Any]:
+        """``C x h x w`` float64 latent -> (int32 symbols, the latent the decoder will see)."""
+        symbols = np.round(y - self.medians).astype(np.int32)
+        return symbols, symbols + self.medians
+
+    def encode(self, encoder: Any, y: Any) -> bytes:
+        """``C x h x w`` float64 latent -> rANS string."""
+        return self.tables.encode(encoder, self.quantize(y)[0], self.indexes(*y.shape[1:]))
 
     def decode(self, data: bytes, h: int, w: int) -> Any:
         """rANS string -> ``C x h x w`` float64 latent; raises ``CorruptTile``."""
-        from compressai.ans import RansDecoder
-
-        n = self.channels * h * w
-        # Zero padding bounds what a crafted stream can make the unchecked rANS decoder read.
-        padded = data + bytes(4 * n + 64)
-        indexes = self.indexes(h, w)
-        values = RansDecoder().decode_with_indexes(padded, indexes, self.cdfs, self.cdf_lengths, self.offsets)
-        if len(values) != n:
-            raise CorruptTile("neural: entropy decoder returned the wrong number of symbols")
-        latent = np.fromiter(values, dtype=np.int32, count=n).astype(np.float64).reshape(self.channels, h, w)
-        return latent + self.medians[:, None, None].numpy()
+        symbols = self.tables.decode(data, self.indexes(h, w))
+        return symbols.astype(np.float64).reshape(self.channels, h, w) + self.medians
 
 
 class _Hyperprior:
@@ -255,50 +269,40 @@ class _Hyperprior:
     """
 
     def __init__(self, model: Any, device: Any) -> None:
-        import torch
-
-        self.torch = torch
         self.device = device
         self.M = model.M
         self.side = _Factorized(model.hyper_bottleneck, model.H)
-        self.cdfs, self.cdf_lengths, self.offsets = _coder_tables(model.gaussian_conditional)
+        self.tables = _Tables(model.gaussian_conditional)
         self.hyper = model.exact_hyper(device)
         self.h_a = model.h_a
         self.step = model.step
 
     def _params(self, z_hat: Any, h: int, w: int) -> tuple[list[int], Any]:
-        idx, means = self.hyper(self.torch.from_numpy(z_hat)[None].to(self.device))
+        import torch
+
+        idx, means = self.hyper(torch.from_numpy(z_hat)[None].to(self.device))
         return idx[0, :, :h, :w].reshape(-1).cpu().tolist(), means[0, :, :h, :w].cpu().numpy()
 
-    def encode(self, encoder: Any, y: Any) -> tuple[bytes, Any]:
-        torch = self.torch
+    def encode(self, encoder: Any, y: Any) -> bytes:
+        import torch
+
         with torch.inference_mode():
             z = self.h_a(torch.from_numpy(y)[None].float().to(self.device) * self.step)[0].double().cpu().numpy()
-        side, z_hat = self.side.encode(encoder, z)
+        side, z_hat = self.side.encode(encoder, z), self.side.quantize(z)[1]
         indexes, means = self._params(z_hat, *y.shape[1:])
-        symbols = np.round(y - means).astype(np.int32)
-        flat = symbols.reshape(-1).tolist()
-        data = encoder.encode_with_indexes(flat, indexes, self.cdfs, self.cdf_lengths, self.offsets)
-        return struct.pack("<I", len(side)) + side + data, symbols + means
+        data = self.tables.encode(encoder, np.round(y - means).astype(np.int32), indexes)
+        return struct.pack("<I", len(side)) + side + data
 
     def decode(self, data: bytes, h: int, w: int) -> Any:
-        from compressai.ans import RansDecoder
-
         if len(data) < 4:
             raise CorruptTile("neural: payload too short for its side information")
         (n_side,) = struct.unpack_from("<I", data)
         if n_side > len(data) - 4:
             raise CorruptTile("neural: side information runs past the payload")
         z_hat = self.side.decode(data[4 : 4 + n_side], -(-h // 4), -(-w // 4))
-        indexes, means = self._params(z_hat, h, w)
-        n = self.M * h * w
-        if len(indexes) != n:
-            raise CorruptTile("neural: side information does not match the latent shape")
-        padded = data[4 + n_side :] + bytes(4 * n + 64)
-        values = RansDecoder().decode_with_indexes(padded, indexes, self.cdfs, self.cdf_lengths, self.offsets)
-        if len(values) != n:
-            raise CorruptTile("neural: entropy decoder returned the wrong number of symbols")
-        return np.fromiter(values, dtype=np.int32, count=n).astype(np.float64).reshape(self.M, h, w) + means
+        indexes, means = self._params(z_hat, h, w)  # exactly M * h * w of each
+        symbols = self.tables.decode(data[4 + n_side :], indexes)
+        return symbols.astype(np.float64).reshape(self.M, h, w) + means
 
 
 class _Model:
@@ -436,7 +440,7 @@ class NeuralCodec:
                 y = m.model.g_a(x).double().cpu().numpy()
                 lh, lw = y.shape[2:]
                 for j, i in enumerate(idx):
-                    payload, _ = m.coder.encode(encoder, y[j])
+                    payload = m.coder.encode(encoder, y[j])
                     header = _HEADER.pack(
                         _MAGIC, FORMAT_VERSION, self.quality, self._tag, height, width, lh, lw, zlib.crc32(payload)
                     )
