@@ -320,15 +320,16 @@ def train(cfg: TrainConfig, *, data_dir: Path, until: dt.datetime | None, thread
     torch.set_num_threads(threads)
     torch.manual_seed(cfg.seed)
     model = build(cfg.architecture, **cfg.arch).to(device)
-    params = [p for n, p in model.named_parameters() if not n.endswith(".quantiles")]
+    named = [(n, p) for n, p in model.named_parameters() if not n.endswith(".quantiles")]
+    params = [p for _, p in named]
     aux_params = [p for n, p in model.named_parameters() if n.endswith(".quantiles")]
     # The hyperprior starts from scratch while the transforms start near their optimum: it may learn faster.
     hyper_lr = cfg.hyper_lr or cfg.lr
-    named = [(n, p) for n, p in model.named_parameters() if not n.endswith(".quantiles")]
-    is_hyper = [n.startswith(("h_a.", "h_s", "hyper_")) for n, _ in named]
+    hyper = [p for n, p in named if n.startswith(("h_a.", "h_s", "hyper_"))]
+    rest = [p for n, p in named if not n.startswith(("h_a.", "h_s", "hyper_"))]
     groups = [
-        {"params": [p for (_, p), h in zip(named, is_hyper, strict=True) if h], "lr": hyper_lr, "base": hyper_lr},
-        {"params": [p for (_, p), h in zip(named, is_hyper, strict=True) if not h], "lr": cfg.lr, "base": cfg.lr},
+        {"params": hyper, "lr": hyper_lr, "base": hyper_lr},
+        {"params": rest, "lr": cfg.lr, "base": cfg.lr},
     ]
     opt = torch.optim.Adam([g for g in groups if g["params"]], lr=cfg.lr)
     aux_opt = torch.optim.Adam(aux_params, lr=cfg.aux_lr)
@@ -457,8 +458,11 @@ def export(cfg: TrainConfig, *, data_dir: Path, weights_dir: Path = WEIGHTS_DIR)
     }
     if ck.get("init"):
         meta["init"] = dict(ck["init"])  # the run it was fine-tuned from (steps and minutes before this one)
-    entry = save_weights(model, name=cfg.name, quality=cfg.quality, weights_dir=weights_dir, meta=meta)
-    # Evaluate what was exported (CDFs updated, synthesis on its grid), then record it.
+    # Evaluate what will be exported (CDF tables computed, synthesis on its grid: both idempotent,
+    # save_weights does them again), then write the weights and manifest entry once.
+    model.eval()
+    model.update_entropy_models()
+    model.snap_synthesis_()
     metrics = evaluate(model, eval_tiles(cfg, data_dir))
     entry = save_weights(
         model,
