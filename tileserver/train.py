@@ -71,6 +71,7 @@ class TrainConfig:
     init: str | None = None
     distortion: str = "mse"
     lambda_mse: float = 0.0
+    freeze: list[str] = field(default_factory=list)
     seed: int = 0
     eval_every: int = 1000
     ckpt_every: int = 250
@@ -113,6 +114,7 @@ def load_config(path: str | Path) -> TrainConfig:
             init=raw.get("init"),
             distortion=str(train.get("distortion", "mse")),
             lambda_mse=float(train.get("lambda_mse", 0.0)),
+            freeze=[str(f) for f in train.get("freeze", [])],
             seed=int(train.get("seed", 0)),
             eval_every=int(train.get("eval_every", 1000)),
             ckpt_every=int(train.get("ckpt_every", 250)),
@@ -259,6 +261,8 @@ def rd_loss(cfg: TrainConfig, x: Any, out: dict[str, Any]) -> tuple[Any, dict[st
 
     n_pix = x.shape[0] * x.shape[2] * x.shape[3]
     bpp = torch.log(out["likelihoods"]).sum() / (-math.log(2) * n_pix)
+    if out["x_hat"] is None:  # synthesis frozen: only the rate can change
+        return bpp, {"bpp": bpp.item()}
     mse = torch.mean((out["x_hat"] - x) ** 2)
     parts = {"bpp": bpp.item(), "mse": mse.item()}
     if cfg.distortion == "ssim":
@@ -320,13 +324,17 @@ def train(cfg: TrainConfig, *, data_dir: Path, until: dt.datetime | None, thread
     torch.set_num_threads(threads)
     torch.manual_seed(cfg.seed)
     model = build(cfg.architecture, **cfg.arch).to(device)
-    named = [(n, p) for n, p in model.named_parameters() if not n.endswith(".quantiles")]
+    for name, param in model.named_parameters():
+        if name.startswith(tuple(cfg.freeze)):
+            param.requires_grad_(False)
+    named = [(n, p) for n, p in model.named_parameters() if not n.endswith(".quantiles") and p.requires_grad]
     params = [p for _, p in named]
     aux_params = [p for n, p in model.named_parameters() if n.endswith(".quantiles")]
     # The hyperprior starts from scratch while the transforms start near their optimum: it may learn faster.
     hyper_lr = cfg.hyper_lr or cfg.lr
-    hyper = [p for n, p in named if n.startswith(("h_a.", "h_s", "hyper_"))]
-    rest = [p for n, p in named if not n.startswith(("h_a.", "h_s", "hyper_"))]
+    entropy_model = ("h_a.", "h_s", "hyper_", "ctx_")
+    hyper = [p for n, p in named if n.startswith(entropy_model)]
+    rest = [p for n, p in named if not n.startswith(entropy_model)]
     groups = [
         {"params": hyper, "lr": hyper_lr, "base": hyper_lr},
         {"params": rest, "lr": cfg.lr, "base": cfg.lr},
@@ -350,14 +358,15 @@ def train(cfg: TrainConfig, *, data_dir: Path, until: dt.datetime | None, thread
     elif cfg.init:
         base = load_config(Path(cfg.init) if Path(cfg.init).is_absolute() else cfg.path.parent / cfg.init)
         ck = torch.load(base.run_dir / "ckpt.pt", map_location=device, weights_only=False)
-        load_state(model, ck["model"])
+        # A context model starts from the hyperprior it extends, its context network fresh.
+        fresh = load_state(model, ck["model"], missing_ok=("ctx_",))
         prior = dict(ck.get("init", {}))
         before = {
             "config": str(base.path.name),
             "steps": int(ck["step"]) + int(prior.get("steps", 0)),
             "train_minutes": round((float(ck.get("wall", 0.0)) / 60 + float(prior.get("train_minutes", 0.0))), 1),
         }
-        _log(cfg, f"initialised {cfg.name} from {base.name} step {ck['step']}")
+        _log(cfg, f"initialised {cfg.name} from {base.name} step {ck['step']} ({len(fresh)} new tensors)")
     tiles = eval_tiles(cfg, data_dir)
     _log(
         cfg,
@@ -412,11 +421,13 @@ def train(cfg: TrainConfig, *, data_dir: Path, until: dt.datetime | None, thread
         t_last = now
         if step % cfg.log_every == 0:
             n = acc["n"]
-            psnr = 10 * math.log10(1.0 / max(acc["mse"] / n, 1e-10))
-            ssim_txt = f" ssim {acc['ssim'] / n:.4f}" if cfg.distortion == "ssim" else ""
+            dist_txt = ""
+            if "mse" in parts:  # absent in rate-only fine-tuning
+                dist_txt = f" psnr {10 * math.log10(1.0 / max(acc['mse'] / n, 1e-10)):.2f}"
+                dist_txt += f" ssim {acc['ssim'] / n:.4f}" if cfg.distortion == "ssim" else ""
             _log(
                 cfg,
-                f"step {step} loss {acc['loss'] / n:.4f} bpp {acc['bpp'] / n:.4f} psnr {psnr:.2f}{ssim_txt} "
+                f"step {step} loss {acc['loss'] / n:.4f} bpp {acc['bpp'] / n:.4f}{dist_txt} "
                 f"aux {aux.item():.1f} lr {_lr_at(cfg, step):.1e} {wall / step:.3f}s/step",
             )
             acc = {"loss": 0.0, "bpp": 0.0, "mse": 0.0, "ssim": 0.0, "n": 0}

@@ -67,6 +67,7 @@ TINY_ARCHS = {
     "factorized-ps": {"N": 8, "M": 8, "widths": [8, 8, 8]},
     "klt-ps8": {"M": 8, "N": 8, "widths": [8, 8], "step": 0.05},
     "klt-hp8": {"M": 8, "N": 8, "widths": [8, 8], "step": 0.05, "H": 8},
+    "klt-cx8": {"M": 8, "N": 8, "widths": [8, 8], "step": 0.05, "H": 8, "slices": [2, 4], "checkerboard": 2},
 }
 
 
@@ -89,9 +90,13 @@ def tiny_weights(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPa
             else:
                 for conv in [model.inverse, *(stage.conv for stage in model.g_s)]:
                     torch.nn.init.normal_(conv.weight, std=0.05)
-            if request.param == "klt-hp8":
+            if request.param in ("klt-hp8", "klt-cx8"):
                 torch.nn.init.normal_(model.h_s2.weight, std=0.5)
                 torch.nn.init.normal_(model.h_s2.bias, std=1.0)
+            if request.param == "klt-cx8":
+                for conv in model.ctx_out:
+                    torch.nn.init.normal_(conv.weight, std=0.3)
+                    torch.nn.init.normal_(conv.bias, std=0.3)
         save_weights(model, name=f"tiny-q{q}", quality=q, weights_dir=d)
     return d
 

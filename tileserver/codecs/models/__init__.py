@@ -14,16 +14,22 @@ from typing import Any
 with warnings.catch_warnings():
     # CompressAI calls torch.jit.script at import time, which newer torch deprecates.
     warnings.simplefilter("ignore", FutureWarning)
+    from .context import KLTContext
     from .factorized import FactorizedPS
     from .klt import KLTPS, KLTHyper
 
-__all__ = ["ARCHITECTURES", "KLTPS", "FactorizedPS", "KLTHyper", "Model", "build", "load_state"]
+__all__ = ["ARCHITECTURES", "KLTPS", "FactorizedPS", "KLTContext", "KLTHyper", "Model", "build", "load_state"]
 
 #: any registered architecture
-Model = FactorizedPS | KLTPS | KLTHyper
+Model = FactorizedPS | KLTPS | KLTHyper | KLTContext
 
 #: stable architecture name -> model class; names are stored in weights files
-ARCHITECTURES: dict[str, type[Model]] = {"factorized-ps": FactorizedPS, "klt-ps8": KLTPS, "klt-hp8": KLTHyper}
+ARCHITECTURES: dict[str, type[Model]] = {
+    "factorized-ps": FactorizedPS,
+    "klt-ps8": KLTPS,
+    "klt-hp8": KLTHyper,
+    "klt-cx8": KLTContext,
+}
 
 _ENTROPY_BUFFERS = ("_quantized_cdf", "_offset", "_cdf_length", "scale_table")
 
@@ -37,10 +43,19 @@ def build(architecture: str, **kwargs: Any) -> Model:
     return cls(**kwargs)
 
 
-def load_state(model: Model, state: dict[str, Any]) -> None:
-    """``load_state_dict``, first resizing the entropy models' CDF buffers (they start empty)."""
+def load_state(model: Model, state: dict[str, Any], *, missing_ok: tuple[str, ...] = ()) -> list[str]:
+    """``load_state_dict``, first resizing the entropy models' CDF buffers (they start empty).
+
+    Parameters whose names start with one of ``missing_ok`` may be absent from ``state``
+    (a context model initialised from the hyperprior it extends keeps its fresh context
+    network); any other missing or unexpected key raises.  Returns the missing keys.
+    """
     for key, value in state.items():
         path, _, name = key.rpartition(".")
         if name in _ENTROPY_BUFFERS:
             setattr(model.get_submodule(path), name, value.clone())
-    model.load_state_dict(state)
+    result = model.load_state_dict(state, strict=not missing_ok)
+    bad = [k for k in result.missing_keys if not k.startswith(missing_ok)] + list(result.unexpected_keys)
+    if bad:
+        raise RuntimeError(f"state does not fit {type(model).__name__}: {', '.join(bad[:8])}")
+    return list(result.missing_keys)

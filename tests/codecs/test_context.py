@@ -1,0 +1,176 @@
+"""The channel/checkerboard context model (klt-cx8): causal training path, exact coder, clean start."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from ..conftest import PATCHES
+
+torch = pytest.importorskip("torch")
+
+from tileserver.codecs.models import build, load_state  # noqa: E402
+from tileserver.codecs.models.context import KLTContext, anchor_mask  # noqa: E402
+from tileserver.codecs.models.klt import fit_klt, image_blocks  # noqa: E402
+from tileserver.codecs.neural import NeuralCodec, save_weights  # noqa: E402
+
+pytestmark = pytest.mark.shared_data
+
+PATCH = PATCHES / "tissue" / "TissueImageAnalytics+tiatoolbox__target_image.png"
+ARGS = {"M": 24, "N": 8, "widths": [8, 8], "step": 0.08, "H": 8}
+CTX = {"slices": [3, 9], "checkerboard": 2, "ctx_width": 8}
+
+
+@pytest.fixture(scope="module")
+def image() -> np.ndarray:
+    return np.asarray(Image.open(PATCH).convert("RGB"))
+
+
+def _hyper(image: np.ndarray) -> torch.nn.Module:
+    """A KLT-started hyperprior whose Gaussians vary (random hyper-synthesis)."""
+    torch.manual_seed(0)
+    model = build("klt-hp8", **ARGS)
+    crops = np.stack([image[y : y + 64, x : x + 64] for y in (0, 128, 256) for x in (0, 192, 320)])
+    mean, basis, _ = fit_klt(image_blocks(crops))
+    model.init_klt(mean, basis)
+    with torch.no_grad():
+        x = torch.from_numpy(crops).permute(0, 3, 1, 2).float() / 255.0
+        model.init_prior(model.g_a(x))
+        torch.nn.init.normal_(model.h_s2.weight, std=0.02)
+    return model
+
+
+def _context(hyper: torch.nn.Module, *, random: bool) -> KLTContext:
+    model = build("klt-cx8", **ARGS, **CTX)
+    assert isinstance(model, KLTContext)
+    fresh = load_state(model, hyper.state_dict(), missing_ok=("ctx_",))
+    assert fresh and all(k.startswith("ctx_") for k in fresh)
+    if random:
+        torch.manual_seed(1)
+        with torch.no_grad():
+            for conv in model.ctx_out:
+                torch.nn.init.normal_(conv.weight, std=0.05)
+                torch.nn.init.normal_(conv.bias, std=0.05)
+    return model
+
+
+def test_passes_cover_every_symbol_once() -> None:
+    model = build("klt-cx8", **ARGS, **CTX)
+    assert isinstance(model, KLTContext)
+    h, w = 5, 7
+    count = torch.zeros(model.M, h, w)
+    anchors = anchor_mask(h, w)
+    assert int(anchors.sum()) == 18 and bool(anchors[0, 0]) and not bool(anchors[0, 1])
+    for _, lo, hi, where in model.passes():
+        count[lo:hi] += 1.0 if where is None else (anchors if where else ~anchors).float()
+    assert torch.equal(count, torch.ones_like(count))
+    assert [p[3] for p in model.passes()] == [True, False, True, False, None]
+
+
+def test_bad_context_configs_are_refused() -> None:
+    with pytest.raises(ValueError, match="slices"):
+        build("klt-cx8", **ARGS, slices=[9, 3])
+    with pytest.raises(ValueError, match="slices"):
+        build("klt-cx8", **ARGS, slices=[0, 3])
+    with pytest.raises(ValueError, match="checkerboard"):
+        build("klt-cx8", **ARGS, slices=[3], checkerboard=3)
+
+
+def test_training_path_is_causal(image: np.ndarray) -> None:
+    # Changing a latent may only move the Gaussians of symbols coded after it: the
+    # non-anchors of its own slice (if it is an anchor) and the later slices.
+    model = _context(_hyper(image), random=True)
+    y = torch.randn(1, model.M, 6, 6) * 3
+    means, logs = torch.zeros_like(y), torch.zeros_like(y)
+    base_m, base_l, _ = model.context_params(y, means, logs)
+    anchors = anchor_mask(6, 6)
+    for c, i, j in [(0, 2, 2), (4, 2, 3), (10, 3, 3)]:
+        y2 = y.clone()
+        y2[0, c, i, j] += 5.0
+        m2, l2 = model.context_params(y2, means, logs)[:2]
+        changed = ((m2 - base_m).abs() + (l2 - base_l).abs())[0] > 0
+        k = next(k for k in range(3) if model.bounds[k] <= c < model.bounds[k + 1])
+        lo, hi = model.bounds[k], model.bounds[k + 1]
+        assert not changed[:lo].any()  # earlier slices never depend on it
+        if k < model.n_checkerboard and bool(anchors[i, j]):
+            assert not changed[lo:hi][:, anchors].any()  # nor other anchors of its slice
+            assert changed[lo:hi][:, ~anchors].any()  # its non-anchor neighbours do
+        else:
+            assert not changed[lo:hi].any()
+        assert hi == model.M or changed[hi:].any()  # later slices see it
+
+
+def test_fresh_context_decodes_like_its_hyperprior(image: np.ndarray, tmp_path: Path) -> None:
+    # Zero-initialised corrections: same Gaussians, so the same latents and pixels
+    # (the stream itself is ordered by passes, so the bytes differ).
+    hyper = _hyper(image)
+    save_weights(hyper, name="hp", quality=1, weights_dir=tmp_path / "hp")
+    save_weights(_context(hyper, random=False), name="cx", quality=1, weights_dir=tmp_path / "cx")
+    tile = np.ascontiguousarray(image[:256, :200])
+    a = NeuralCodec(1, weights_dir=tmp_path / "hp")
+    b = NeuralCodec(1, weights_dir=tmp_path / "cx")
+    blob_a, blob_b = a.encode(tile), b.encode(tile)
+    assert np.array_equal(a.decode(blob_a), b.decode(blob_b))
+    assert abs(len(blob_a) - len(blob_b)) < 0.01 * len(blob_a)
+
+
+def test_coded_size_matches_training_estimate(image: np.ndarray, tmp_path: Path) -> None:
+    # The exact coder and the float training path must walk the same passes with the
+    # same inputs: otherwise training optimises a rate the bitstream does not have.
+    model = _context(_hyper(image), random=True)
+    save_weights(model, name="cx", quality=1, weights_dir=tmp_path)
+    codec = NeuralCodec(1, weights_dir=tmp_path)
+    tile = np.ascontiguousarray(image[:256, :256])
+    x = torch.from_numpy(tile).permute(2, 0, 1)[None].float() / 255.0
+    model.eval()
+    with torch.no_grad():
+        estimate = float(-torch.log2(model(x)["likelihoods"]).sum()) / 8
+    blob = codec.encode(tile)
+    assert abs(len(blob) - estimate) < 0.02 * estimate + 64
+    # And the random context really moves the rate (else this test could not fail).
+    hyper = NeuralCodec(1, weights_dir=_save_hyper(image, tmp_path / "hp"))
+    assert abs(len(hyper.encode(tile)) - len(blob)) > 0.02 * len(blob)
+    out = codec.decode(blob)
+    assert out.shape == tile.shape and np.abs(out.astype(int) - tile).mean() < 20
+
+
+def _save_hyper(image: np.ndarray, d: Path) -> Path:
+    save_weights(_hyper(image), name="hp", quality=1, weights_dir=d)
+    return d
+
+
+def test_rate_only_fine_tuning_trains_the_entropy_model_alone() -> None:
+    from tileserver.train import load_config, rd_loss
+
+    src = Path(__file__).resolve().parents[2] / "tileserver" / "codecs" / "configs"
+    cfg = load_config(src / "klt-cx-s140.toml")
+    assert cfg.freeze == ["g_a.", "inverse.", "g_s."] and cfg.architecture == "klt-cx8"
+    model = build("klt-cx8", **ARGS, **CTX)
+    for name, param in model.named_parameters():
+        param.requires_grad_(not name.startswith(tuple(cfg.freeze)))
+    model.train()
+    x = torch.rand(2, 3, 64, 64)
+    out = model(x)
+    assert out["x_hat"] is None  # nothing in the synthesis can learn
+    loss, parts = rd_loss(cfg, x, out)
+    assert set(parts) == {"bpp"} and float(loss.detach()) == pytest.approx(parts["bpp"])
+    loss.backward()
+    grads = {n for n, p in model.named_parameters() if p.grad is not None and float(p.grad.abs().sum()) > 0}
+    assert any(n.startswith("ctx_") for n in grads) and any(n.startswith("h_s") for n in grads)
+    assert not any(n.startswith(tuple(cfg.freeze)) for n in grads)
+    model.eval()
+    with torch.no_grad():
+        assert model(x)["x_hat"] is not None  # evaluation still reconstructs
+
+
+def test_export_refuses_context_weights_outside_the_exact_range() -> None:
+    model = build("klt-cx8", **ARGS, **CTX)
+    assert isinstance(model, KLTContext)
+    model.snap_synthesis_()
+    with torch.no_grad():
+        model.ctx_in[2].weight[0, 0, 0, 0] = 100.0  # 9 * 9 terms leave room for |w| < 32 only
+    with pytest.raises(ValueError, match=r"\(8, 9, 3, 3\) weight exceeds the exact-decoding range"):
+        model.snap_synthesis_()

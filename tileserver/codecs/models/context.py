@@ -1,0 +1,291 @@
+"""The KLT coder with a channel and checkerboard context model on top of its hyperprior.
+
+:class:`~.klt.KLTHyper` predicts every latent's Gaussian from a side latent at
+stride 32 alone, which cannot see what a block's own low frequencies or its
+neighbours already say: the DC of a block is close to its neighbours' (JPEG's
+DC prediction), and a block whose low frequencies are busy has busy high
+frequencies too.  This model codes the latent in ordered passes (after He et
+al. 2021, "Checkerboard context model", and He et al. 2022, "ELIC"):
+
+* the KLT channels (ordered by variance) are cut into slices, e.g. ``0-4,
+  4-12, 12-32, 32-96``;
+* slice ``k`` is coded after slices ``< k``; in the first ``checkerboard``
+  slices, the anchor positions (``(i + j)`` even) go first and the other half
+  is then predicted from its four decoded anchor neighbours too;
+* each pass's Gaussians are the hyperprior's plus a correction ``(d_mean,
+  d_log_scale)`` computed by a small network, 3x3 convolution -> ReLU -> 1x1
+  convolution, from the residuals ``y_hat - hyper_mean`` of what is already
+  decoded (zeros elsewhere).  The last layer starts at zero, so a fresh model
+  codes exactly like the hyperprior it is initialised from.
+
+Exact decoding extends to the context: its inputs are residuals rounded onto
+the activation grid, its weights sit on the synthesis's grids and bounds, and
+each pass adds the clamped correction to the hyper-synthesis's exact output,
+so encoder and decoder compute the same scale index and mean for every symbol
+on every machine.  The cost is one small convolution and one rANS call per
+pass (seven for four slices, three with checkerboard).
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .factorized import _to_grid
+from .klt import _A_MAX, _B_MAX, ACT_BITS, SCALE_LOG_TABLE, WEIGHT_BITS, KLTHyper, _bias, _conv, _relu_grid_, _w_max
+
+__all__ = ["CORRECTION_MAX", "KLTContext", "anchor_mask", "grid_residual", "hyper_mean_clamped"]
+
+#: corrections (and hyper means) are clamped to this before they are added: the sum stays exact
+CORRECTION_MAX = 2.0**12
+
+
+def anchor_mask(h: int, w: int, device: torch.device | str = "cpu") -> Tensor:
+    """Boolean ``h x w`` mask of the checkerboard's anchor positions (``(i + j)`` even)."""
+    i = torch.arange(h, device=device)[:, None]
+    j = torch.arange(w, device=device)[None, :]
+    return (i + j) % 2 == 0
+
+
+#: one coding pass: slice index, channel range, and which positions it codes (None = all, True = anchors,
+#: False = non-anchors)
+Pass = tuple[int, int, int, bool | None]
+
+
+class KLTContext(KLTHyper):
+    """:class:`KLTHyper` plus a channel/checkerboard context model (see the module docstring).
+
+    ``slices``: the channel boundaries between slices (ascending, inside ``1..M-1``);
+    ``checkerboard``: how many of the first slices are coded in two checkerboard passes;
+    ``ctx_width``: hidden width of each slice's context network.
+    """
+
+    def __init__(
+        self,
+        M: int = 96,
+        N: int = 64,
+        widths: tuple[int, ...] | list[int] = (24, 16),
+        step: float = 0.1,
+        H: int = 64,
+        slices: Sequence[int] = (4, 12, 32),
+        checkerboard: int = 3,
+        ctx_width: int = 16,
+    ) -> None:
+        super().__init__(M=M, N=N, widths=widths, step=step, H=H)
+        bounds = [0, *(int(s) for s in slices), self.M]
+        if any(b >= c for b, c in itertools.pairwise(bounds)):
+            raise ValueError(f"slices must rise strictly inside 1..{self.M - 1}, got {list(slices)}")
+        n_slices = len(bounds) - 1
+        if not 0 <= checkerboard <= n_slices:
+            raise ValueError(f"checkerboard must be 0..{n_slices}, got {checkerboard}")
+        self.config.update(
+            {"slices": list(bounds[1:-1]), "checkerboard": int(checkerboard), "ctx_width": int(ctx_width)}
+        )
+        self.bounds = bounds
+        self.n_checkerboard = int(checkerboard)
+        self.ctx_in = nn.ModuleList()
+        self.ctx_out = nn.ModuleList()
+        for k in range(n_slices):
+            lo, hi = bounds[k], bounds[k + 1]
+            c_in = lo + (hi - lo if k < checkerboard else 0)
+            if 9 * c_in > 2**11:
+                raise ValueError("too many context channels for exact float64 decoding")
+            # A slice with nothing before it and no checkerboard has no context: a 1-channel
+            # stand-in keeps the module lists aligned and is never called.
+            self.ctx_in.append(nn.Conv2d(max(c_in, 1), ctx_width, 3, padding=1))
+            out = nn.Conv2d(ctx_width, 2 * (hi - lo), 1)
+            nn.init.zeros_(out.weight)
+            nn.init.zeros_(_bias(out))
+            self.ctx_out.append(out)
+
+    # -- the coding order -------------------------------------------------
+    def passes(self) -> list[Pass]:
+        """The coding passes in order: (slice, first channel, end channel, positions)."""
+        out: list[Pass] = []
+        for k in range(len(self.bounds) - 1):
+            lo, hi = self.bounds[k], self.bounds[k + 1]
+            if k < self.n_checkerboard:
+                out += [(k, lo, hi, True), (k, lo, hi, False)]
+            else:
+                out.append((k, lo, hi, None))
+        return out
+
+    def _layers(self, k: int) -> tuple[nn.Conv2d, nn.Conv2d]:
+        """Slice ``k``'s context network: the 3x3 layer and the 1x1 layer."""
+        c_in, c_out = self.ctx_in[k], self.ctx_out[k]
+        assert isinstance(c_in, nn.Conv2d) and isinstance(c_out, nn.Conv2d)
+        return c_in, c_out
+
+    def _has_context(self, k: int) -> bool:
+        return self.bounds[k] > 0 or k < self.n_checkerboard
+
+    def _correction(
+        self,
+        k: int,
+        prev: Tensor,
+        own: Tensor | None,
+        conv: Callable[[int, str, Tensor], Tensor],
+        act: Callable[[Tensor], Tensor],
+    ) -> tuple[Tensor, Tensor]:
+        """``(d_mean, d_log_scale)`` of slice ``k`` from the residuals decoded so far.
+
+        ``prev``: ``B x lo x h x w`` residuals of the slices before ``k``; ``own``: slice
+        ``k``'s residuals at its anchors, zero elsewhere (``None`` before they are
+        decoded).  The 3x3 layer's weights are split by input: ``conv(k, part, x)`` runs
+        part ``"prev"`` (with the bias), ``"own"`` (without) or the 1x1 ``"out"`` layer.
+        Any partial sum of an exact layer is exact, so the split changes no bit, and a
+        pass whose input is zero skips that part.
+        """
+        lo, hi = self.bounds[k], self.bounds[k + 1]
+        b, _, h, w = prev.shape
+        if not self._has_context(k):
+            zero = prev.new_zeros(b, hi - lo, h, w)
+            return zero, zero
+        pre = conv(k, "prev", prev)
+        if own is not None:
+            pre = pre + conv(k, "own", own)
+        out = conv(k, "out", act(pre)).clamp(-CORRECTION_MAX, CORRECTION_MAX)
+        return out[:, : hi - lo], out[:, hi - lo :]
+
+    def _split_layers(
+        self, k: int, w_in: Tensor, b_in: Tensor, w_out: Tensor, b_out: Tensor
+    ) -> dict[str, tuple[Tensor, Tensor | None, int]]:
+        """Slice ``k``'s layers as ``(weight, bias, padding)`` per part (see :meth:`_correction`)."""
+        lo = self.bounds[k]
+        return {
+            "prev": (w_in[:, :lo].contiguous(), b_in, 1),
+            "own": (w_in[:, lo:].contiguous(), None, 1),
+            "out": (w_out, b_out, 0),
+        }
+
+    # -- training ---------------------------------------------------------
+    def _float_conv(self, k: int, part: str, x: Tensor) -> Tensor:
+        c_in, c_out = self._layers(k)
+        w, b, pad = self._split_layers(k, c_in.weight, _bias(c_in), c_out.weight, _bias(c_out))[part]
+        if w.shape[1] == 0:
+            return _bias_only(b, x)
+        out: Tensor = F.conv2d(x, w, b, padding=pad)
+        return out
+
+    def context_params(self, y: Tensor, means: Tensor, log_scales: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Training: (means, log-scales, rounded latent) of ``y`` pass by pass, as decoding sees them.
+
+        Each pass rounds its latents about its own means (straight-through) before a later
+        pass reads them, in the order the decoder follows.
+        """
+        hyper_means = hyper_mean_clamped(means)
+        anchors = anchor_mask(y.shape[2], y.shape[3], y.device).to(y.dtype)
+        done: list[Tensor] = []  # residuals of the finished slices
+        out_means, out_logs, out_y = [], [], []
+        for k in range(len(self.bounds) - 1):
+            lo, hi = self.bounds[k], self.bounds[k + 1]
+            prev = torch.cat(done, dim=1) if done else y.new_zeros(y.shape[0], 0, *y.shape[2:])
+            yk, hm = y[:, lo:hi], hyper_means[:, lo:hi]
+            mu_k = ls_k = yh_k = None
+            own = None
+            for where in (True, False) if k < self.n_checkerboard else (None,):
+                d_mean, d_log = self._correction(k, prev, own, self._float_conv, F.relu)
+                mu, ls = hm + d_mean, log_scales[:, lo:hi] + d_log
+                yh = yk + (torch.round(yk - mu) + mu - yk).detach()
+                if where is None:
+                    mu_k, ls_k, yh_k = mu, ls, yh
+                elif where:
+                    own = (yh - hm) * anchors
+                    mu_k, ls_k, yh_k = mu * anchors, ls * anchors, yh * anchors
+                else:
+                    rest = 1.0 - anchors
+                    assert mu_k is not None and ls_k is not None and yh_k is not None
+                    mu_k, ls_k, yh_k = mu_k + mu * rest, ls_k + ls * rest, yh_k + yh * rest
+            assert mu_k is not None and ls_k is not None and yh_k is not None
+            out_means.append(mu_k)
+            out_logs.append(ls_k)
+            out_y.append(yh_k)
+            done.append(yh_k - hm)
+        return torch.cat(out_means, dim=1), torch.cat(out_logs, dim=1), torch.cat(out_y, dim=1)
+
+    def forward(self, x: Tensor) -> dict[str, object]:
+        """Training pass: rates from noisy latents under the context's Gaussians, synthesis from rounded ones.
+
+        With the synthesis frozen (rate-only fine-tuning, ``freeze`` in a training config)
+        training skips it: ``x_hat`` is then ``None``.
+        """
+        y = self.g_a(x)
+        z = self.h_a(y * self.step)
+        z_hat, z_lik = self.hyper_bottleneck(z)
+        means, log_scales = self.hyper_synthesize(z_hat, (y.shape[2], y.shape[3]))
+        means, log_scales, y_hat = self.context_params(y, means, log_scales)
+        lo, hi = SCALE_LOG_TABLE[0], SCALE_LOG_TABLE[-1]
+        _, y_lik = self.gaussian_conditional(y, torch.exp(log_scales.clamp(lo, hi)), means)
+        frozen = self.training and not self.inverse.weight.requires_grad
+        x_hat = None if frozen else self.synthesize(y_hat)
+        return {"x_hat": x_hat, "likelihoods": torch.cat([y_lik.flatten(), z_lik.flatten()])}
+
+    # -- exact inference --------------------------------------------------
+    def _context_convs(self) -> list[nn.Conv2d]:
+        return [c for k in range(len(self.ctx_in)) if self._has_context(k) for c in self._layers(k)]
+
+    def _exact_convs(self) -> list[tuple[nn.Conv2d, float]]:
+        return [*super()._exact_convs(), *((c, 1.0) for c in self._context_convs())]
+
+    def _context_grid_layers(self) -> dict[tuple[int, int], tuple[Tensor, Tensor]]:
+        layers = {}
+        for k in range(len(self.ctx_in)):
+            if not self._has_context(k):
+                continue
+            for layer, conv in enumerate(self._layers(k)):
+                w, b = conv.weight.detach().double(), _bias(conv).detach().double()
+                layers[k, layer] = (_to_grid(w, WEIGHT_BITS, _w_max(conv)), _to_grid(b, WEIGHT_BITS, _B_MAX))
+        return layers
+
+    @torch.no_grad()
+    def snap_synthesis_(self) -> None:
+        """Put the synthesis, hyper-synthesis and context weights on their exact grids, in place."""
+        super().snap_synthesis_()
+        for (k, layer), (w, b) in self._context_grid_layers().items():
+            conv = self._layers(k)[layer]
+            conv.weight.copy_(w.float())
+            _bias(conv).copy_(b.float())
+
+    def exact_context(self, device: torch.device) -> Callable[[int, Tensor, Tensor | None], tuple[Tensor, Tensor]]:
+        """Order-independent corrections: ``(k, prev, own)`` -> float64 ``(d_mean, d_log_scale)``.
+
+        ``prev`` and ``own`` as in :meth:`_correction`, on the activation grid (see
+        :func:`grid_residual`).
+        """
+        grid = self._context_grid_layers()
+        parts = {
+            k: self._split_layers(k, *(t.to(device).contiguous() for t in (*grid[k, 0], *grid[k, 1])))
+            for k in range(len(self.ctx_in))
+            if self._has_context(k)
+        }
+
+        def conv(k: int, part: str, x: Tensor) -> Tensor:
+            w, b, pad = parts[k][part]
+            if w.shape[1] == 0:
+                return _bias_only(b, x)
+            return _conv(x, w, b, pad)
+
+        def run(k: int, prev: Tensor, own: Tensor | None) -> tuple[Tensor, Tensor]:
+            return self._correction(k, prev, own, conv, _relu_grid_)
+
+        return run
+
+
+def _bias_only(b: Tensor | None, x: Tensor) -> Tensor:
+    """A layer with no input channels (the first slice's, before anything is decoded): its bias."""
+    assert b is not None
+    return b[None, :, None, None].expand(x.shape[0], -1, x.shape[2], x.shape[3]).clone()
+
+
+def grid_residual(y_hat: Tensor, hyper_means: Tensor) -> Tensor:
+    """The context's input: ``y_hat - hyper_mean`` on the activation grid (exact)."""
+    return _to_grid(y_hat - hyper_means, ACT_BITS, _A_MAX)
+
+
+def hyper_mean_clamped(means: Tensor) -> Tensor:
+    """The hyper means as the context adds to them (clamped so every sum is exact)."""
+    return means.clamp(-CORRECTION_MAX, CORRECTION_MAX)
