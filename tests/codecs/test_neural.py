@@ -148,7 +148,7 @@ def test_get_neural_attributes() -> None:
     codec = codecs.get("neural", quality=qualities[0])
     assert isinstance(codec, codecs.TileCodec)
     assert codec.name == "neural"
-    assert codec.params == {"quality": qualities[0]}
+    assert codec.params == {"quality": qualities[0], "model": codec.model_info["weights_sha256"]}  # type: ignore[attr-defined]
     assert codec.tiff_compression == 65000
     info = codec.model_info  # type: ignore[attr-defined]
     assert set(info) == {"architecture", "quality", "weights_sha256", "format_version"}
@@ -179,6 +179,40 @@ def test_check_model_accepts_installed_and_rejects_others() -> None:
         check_model({**info, "format_version": 99})
     with pytest.raises(MissingModel):
         check_model({**info, "quality": 2})  # digest of q1 claimed as q2
+
+
+def test_replaced_model_is_retired_and_still_decodes(real_tiles: list[np.ndarray], tmp_path: Path) -> None:
+    from tileserver.codecs.models import build
+
+    args = TINY_ARCHS["klt-hp8"]
+    torch.manual_seed(0)
+    first = save_weights(build("klt-hp8", **args), name="old", quality=1, weights_dir=tmp_path)
+    old = NeuralCodec(1, weights_dir=tmp_path)
+    tile = real_tiles[0][:64, :64].copy()
+    blob, pixels = old.encode(tile), old.decode(old.encode(tile))
+    torch.manual_seed(1)
+    second = save_weights(build("klt-hp8", **args), name="new", quality=1, weights_dir=tmp_path)
+    assert first["sha256"] != second["sha256"]
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert manifest["models"]["1"]["sha256"] == second["sha256"]
+    assert [e["sha256"] for e in manifest["retired"]] == [first["sha256"]]
+    assert neural.available_qualities(tmp_path) == [1]
+    # The slide's record of the old model still checks, and that model still decodes it ...
+    check_model(old.model_info, tmp_path)
+    again = NeuralCodec(1, model=first["sha256"], weights_dir=tmp_path)
+    assert again.params == {"quality": 1, "model": first["sha256"]}
+    assert np.array_equal(again.decode(blob), pixels)
+    # ... while new conversions use the new one, which refuses the old tiles.
+    current = NeuralCodec(1, weights_dir=tmp_path)
+    assert current.model_info["weights_sha256"] == second["sha256"]
+    with pytest.raises(CorruptTile, match="coded by model"):
+        current.decode(blob)
+    with pytest.raises(ValueError, match="no installed neural q1 model has weights sha256 000000"):
+        NeuralCodec(1, model="0" * 64, weights_dir=tmp_path)
+    # Re-exporting the same weights neither retires nor duplicates anything.
+    torch.manual_seed(1)
+    save_weights(build("klt-hp8", **args), name="new", quality=1, weights_dir=tmp_path)
+    assert len(json.loads((tmp_path / "manifest.json").read_text())["retired"]) == 1
 
 
 def test_tampered_weights_raise_missing_model(tiny_weights: Path, tmp_path: Path) -> None:

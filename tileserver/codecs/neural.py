@@ -84,8 +84,8 @@ _MAGIC = b"NC"
 _HEADER = struct.Struct("<2sBB4sHHBBI")
 
 
-def _manifest(weights_dir: Path) -> dict[str, Any]:
-    path = weights_dir / "manifest.json"
+def _manifest(weights_dir: Path | None) -> dict[str, Any]:
+    path = (weights_dir or WEIGHTS_DIR) / "manifest.json"
     try:
         data: dict[str, Any] = json.loads(path.read_text())
     except FileNotFoundError:
@@ -93,32 +93,45 @@ def _manifest(weights_dir: Path) -> dict[str, Any]:
     return data
 
 
-def available_qualities(weights_dir: Path = WEIGHTS_DIR) -> list[int]:
+def available_qualities(weights_dir: Path | None = None) -> list[int]:
     """Qualities with installed weights, ascending."""
     return sorted(int(q) for q in _manifest(weights_dir).get("models", {}))
 
 
-def check_model(model_info: Mapping[str, Any], weights_dir: Path = WEIGHTS_DIR) -> None:
+def _installed(weights_dir: Path | None) -> list[tuple[str, dict[str, Any]]]:
+    """(quality, manifest entry) of every installed model: the current ones, then the retired.
+
+    A model is retired when a newer one replaces it at its quality (``save_weights``);
+    it stays installed so that slides converted with it keep decoding.
+    """
+    manifest = _manifest(weights_dir)
+    current = list(manifest.get("models", {}).items())
+    return current + [(str(e["quality"]), e) for e in manifest.get("retired", [])]
+
+
+def check_model(model_info: Mapping[str, Any], weights_dir: Path | None = None) -> None:
     """Raise ``MissingModel`` unless the weights named by ``model_info`` are installed.
 
     ``model_info`` is what :attr:`NeuralCodec.model_info` returned when the file
-    was written; the weights are matched by SHA-256, never by position.
+    was written; the weights are matched by SHA-256, never by position, among the
+    current and the retired models.
     """
     sha = str(model_info.get("weights_sha256", ""))
     arch = model_info.get("architecture", "?")
     quality = model_info.get("quality", "?")
     version = model_info.get("format_version")
     label = f"neural model {arch!s} quality {quality!s} (weights sha256 {sha[:16]}...)"
+    weights_dir = weights_dir or WEIGHTS_DIR
     if version != FORMAT_VERSION:
         raise MissingModel(f"{label}: bitstream format version {version!r} not supported (have {FORMAT_VERSION})")
-    for q, entry in _manifest(weights_dir).get("models", {}).items():
+    for q, entry in _installed(weights_dir):
         if entry.get("sha256") == sha:
             if not (weights_dir / entry["file"]).is_file():
                 raise MissingModel(f"{label}: manifest lists {entry['file']} but the file is not installed")
             if str(q) != str(quality) or entry.get("architecture") != arch:
                 raise MissingModel(f"{label}: installed weights with that digest are {entry.get('architecture')} q{q}")
             return
-    installed = ", ".join(f"q{q}={e['sha256'][:12]}" for q, e in _manifest(weights_dir).get("models", {}).items())
+    installed = ", ".join(f"q{q}={e['sha256'][:12]}" for q, e in _installed(weights_dir))
     raise MissingModel(f"{label} is not installed (installed: {installed or 'none'})")
 
 
@@ -145,18 +158,20 @@ def parse_header(data: bytes, stride: int) -> tuple[int, bytes, int, int, int, i
 
 
 def save_weights(
-    model: Any, *, name: str, quality: int, weights_dir: Path = WEIGHTS_DIR, meta: dict[str, Any] | None = None
+    model: Any, *, name: str, quality: int, weights_dir: Path | None = None, meta: dict[str, Any] | None = None
 ) -> dict[str, Any]:
     """Write ``model`` (a registered architecture) as ``<name>.pt`` and list it in the manifest.
 
     Computes the entropy model's CDF tables here (``update(force=True,
     update_quantiles=True)``) and snaps the synthesis onto its exact grid, so the
     server only loads.  The analysis is stored in float16 (encoding needs no
-    bit-exactness); synthesis and entropy model stay float32/int32.  Returns the
-    manifest entry.
+    bit-exactness); synthesis and entropy model stay float32/int32.  A different
+    model this replaces at ``quality`` stays installed, listed as ``retired``, so
+    the slides it coded keep decoding.  Returns the manifest entry.
     """
     import torch
 
+    weights_dir = weights_dir or WEIGHTS_DIR
     model.eval()
     model.update_entropy_models()
     model.snap_synthesis_()
@@ -186,8 +201,16 @@ def save_weights(
     }
     manifest = _manifest(weights_dir)
     manifest["format_version"] = FORMAT_VERSION
-    manifest.setdefault("models", {})[str(int(quality))] = entry
-    manifest["models"] = dict(sorted(manifest["models"].items(), key=lambda kv: int(kv[0])))
+    models = manifest.setdefault("models", {})
+    retired = [e for e in manifest.get("retired", []) if e["sha256"] != entry["sha256"]]
+    old = models.get(str(int(quality)))
+    if old is not None and old["sha256"] != entry["sha256"] and (weights_dir / old["file"]).is_file():
+        # Slides converted with the replaced model must keep decoding: it stays, retired.
+        retired.append({**old, "quality": int(quality)})
+    models[str(int(quality))] = entry
+    manifest["models"] = dict(sorted(models.items(), key=lambda kv: int(kv[0])))
+    if retired:
+        manifest["retired"] = retired
     tmp_manifest = weights_dir / "manifest.json.tmp"
     tmp_manifest.write_text(json.dumps(manifest, indent=2) + "\n")
     tmp_manifest.replace(weights_dir / "manifest.json")
@@ -473,7 +496,9 @@ class _Model:
 class NeuralCodec:
     """Learned tile codec; ``quality`` 1..N picks one of the shipped models.
 
-    ``device`` is ``"auto"`` (CUDA when available, resolved at first use),
+    ``model`` (a weights SHA-256) picks a specific installed model of that quality,
+    current or retired (slides record the one that coded them); ``params`` always
+    names it.  ``device`` is ``"auto"`` (CUDA when available, resolved at first use),
     ``"cpu"`` or ``"cuda"``.  ``threads`` sets torch's CPU thread count at load
     (process-wide); ``None`` leaves it alone.  ``synthesis_batch`` caps the
     tiles per synthesis pass (default: ``CPU_SYNTHESIS_BATCH`` on CPU, the whole
@@ -487,6 +512,7 @@ class NeuralCodec:
         self,
         quality: int = 3,
         *,
+        model: str | None = None,
         device: str = "cpu",
         threads: int | None = None,
         synthesis_batch: int | None = None,
@@ -497,11 +523,17 @@ class NeuralCodec:
         if str(quality) not in models or isinstance(quality, bool):
             have = ", ".join(str(q) for q in available_qualities(self.weights_dir)) or "none installed"
             raise ValueError(f"neural quality must be one of {have}; got {quality!r}")
+        entry: dict[str, Any] = models[str(quality)]
+        if model is not None and model != entry["sha256"]:
+            found = [e for q, e in _installed(self.weights_dir) if e["sha256"] == model and q == str(quality)]
+            if not found:
+                raise ValueError(f"no installed neural q{quality} model has weights sha256 {str(model)[:16]}...")
+            entry = found[0]
         if device not in ("auto", "cpu", "cuda") and not device.startswith("cuda:"):
             raise ValueError(f"neural device must be 'auto', 'cpu' or 'cuda', got {device!r}")
         self.quality = int(quality)
-        self.params: dict[str, Any] = {"quality": self.quality}
-        self._entry: dict[str, Any] = models[str(quality)]
+        self._entry = entry
+        self.params: dict[str, Any] = {"quality": self.quality, "model": entry["sha256"]}
         self._device = device
         self._threads = threads
         if synthesis_batch is not None and synthesis_batch < 1:

@@ -94,7 +94,11 @@ class CompressedSlide(SlideReader):
         try:
             if c.codec_name == "neural":
                 _check_neural_model(c.model_info, self.path)
-            self._codec: TileCodec = _build_codec(c.codec_name, c.codec_params, self.path)
+            params = dict(c.codec_params)
+            if c.codec_name == "neural" and c.model_info:
+                # The model that coded the slide, which may since have been retired.
+                params["model"] = c.model_info.get("weights_sha256")
+            self._codec: TileCodec = _build_codec(c.codec_name, params, self.path)
         except BaseException:
             c.close()
             raise
