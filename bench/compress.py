@@ -1,6 +1,7 @@
 """Rate–distortion benchmark: every codec on the same tissue tiles, in one run.
 
     .venv/bin/python bench/compress.py            # writes bench/results/compress.json and compress.png
+    .venv/bin/python bench/compress.py --retired  # and the retired neural models beside the current ones
 
 For each codec and quality setting: mean bits per pixel, SSIM (design §8:
 pytorch_msssim, 11-px Gaussian window, data_range 255) and PSNR over the tiles.
@@ -217,6 +218,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--per-slide", type=int, default=12)
     ap.add_argument("--per-patch", type=int, default=2)
     ap.add_argument("--no-neural", action="store_true")
+    ap.add_argument(
+        "--retired", action="store_true", help="also run the retired neural models (the ones the current replaced)"
+    )
     args = ap.parse_args(argv)
 
     import torch
@@ -245,6 +249,14 @@ def main(argv: list[str] | None = None) -> int:
             raw.setdefault("neural", []).append({"param": q, **run_codec("neural", codec, pixels)})
         if "neural" in raw:
             print(f"  neural: done ({time.time() - t_start:.0f} s)")
+    if args.retired and not args.no_neural:
+        from tileserver.codecs.neural import retired_models
+
+        for q, sha in sorted(retired_models().items()):
+            codec = codecs.get("neural", quality=q, model=sha)
+            raw.setdefault("neural-retired", []).append({"param": q, **run_codec("neural", codec, pixels)})
+        if "neural-retired" in raw:
+            print(f"  neural-retired: done ({time.time() - t_start:.0f} s)")
 
     subsets = {"all": np.ones(len(tiles), bool), "slides": groups == "slides", "patches": groups == "patches"}
     sourced = np.array([t.source_codec for t in tiles])

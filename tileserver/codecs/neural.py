@@ -20,8 +20,9 @@ Tile bitstream, format version 1 (little-endian)::
     13     1     latent width   == ceil(W / stride)
     14     4     CRC-32 of the payload
     18     ...   payload: CompressAI rANS string of the M x h x w latent symbols; with a
-                 hyperprior (klt-hp8): u32 length of the side string, the side string
-                 (H x ceil(h/4) x ceil(w/4) symbols), then the latent string
+                 hyperprior (klt-hp8, klt-cx8): u32 length of the side string, the side
+                 string (H x ceil(h/4) x ceil(w/4) symbols), then the latent string (with
+                 the context model, klt-cx8, its passes in coding order in one stream)
 
 Everything in the header is validated, and the payload's CRC checked, before the
 entropy decoder sees a byte: CompressAI's rANS decoder does no bounds checking,
@@ -62,6 +63,7 @@ __all__ = [
     "available_qualities",
     "check_model",
     "parse_header",
+    "retired_models",
     "save_weights",
 ]
 
@@ -107,6 +109,11 @@ def _installed(weights_dir: Path | None) -> list[tuple[str, dict[str, Any]]]:
     manifest = _manifest(weights_dir)
     current = list(manifest.get("models", {}).items())
     return current + [(str(e["quality"]), e) for e in manifest.get("retired", [])]
+
+
+def retired_models(weights_dir: Path | None = None) -> dict[int, str]:
+    """Quality -> weights SHA-256 of the most recently retired model of each quality."""
+    return {int(e["quality"]): e["sha256"] for e in _manifest(weights_dir).get("retired", [])}
 
 
 def check_model(model_info: Mapping[str, Any], weights_dir: Path | None = None) -> None:
@@ -240,12 +247,9 @@ class _Tables:
         self.cdfs = [row[:n] for row, n in zip(module._quantized_cdf.tolist(), self.lengths, strict=True)]
         self.offsets: list[int] = module._offset.reshape(-1).int().tolist()
 
-    def encode(self, encoder: Any, symbols: Any, indexes: list[int]) -> bytes:
-        """Code ``symbols`` (or, with a ``BufferedRansEncoder``, queue them: returns ``None``)."""
-        data: bytes = encoder.encode_with_indexes(
-            symbols.reshape(-1).tolist(), indexes, self.cdfs, self.lengths, self.offsets
-        )
-        return data
+    def encode(self, encoder: Any, symbols: Any, indexes: list[int]) -> Any:
+        """Code ``symbols``: a ``RansEncoder`` returns their string, a ``BufferedRansEncoder`` queues them."""
+        return encoder.encode_with_indexes(symbols.reshape(-1).tolist(), indexes, self.cdfs, self.lengths, self.offsets)
 
     def read(self, decoder: Any, indexes: Any) -> Any:
         """The next ``indexes.size`` int32 symbols of a ``RansDecoder`` stream (``set_stream``)."""
@@ -302,7 +306,8 @@ class _Factorized:
 
     def encode(self, encoder: Any, y: Any) -> bytes:
         """``C x h x w`` float64 latent -> rANS string."""
-        return self.tables.encode(encoder, self.quantize(y)[0], self.indexes(*y.shape[1:]))
+        data: bytes = self.tables.encode(encoder, self.quantize(y)[0], self.indexes(*y.shape[1:]))
+        return data
 
     def decode(self, data: bytes, h: int, w: int) -> Any:
         """rANS string -> ``C x h x w`` float64 latent; raises ``CorruptTile``."""
@@ -338,7 +343,7 @@ class _Hyperprior:
             z = self.h_a(torch.from_numpy(y)[None].float().to(self.device) * self.step)[0].double().cpu().numpy()
         side, z_hat = self.side.encode(encoder, z), self.side.quantize(z)[1]
         indexes, means = self._params(z_hat, *y.shape[1:])
-        data = self.tables.encode(encoder, np.round(y - means).astype(np.int32), indexes)
+        data: bytes = self.tables.encode(encoder, np.round(y - means).astype(np.int32), indexes)
         return struct.pack("<I", len(side)) + side + data
 
     def _side(self, data: bytes, h: int, w: int) -> tuple[Any, bytes]:
@@ -355,13 +360,6 @@ class _Hyperprior:
         indexes, means = self._params(z_hat, h, w)  # exactly M * h * w of each
         symbols = self.tables.decode(latent, indexes)
         return symbols.astype(np.float64).reshape(self.M, h, w) + means
-
-
-def torch_cat_nonzero(mask: Any) -> Any:
-    """Indexes of a flat boolean tensor's true entries, then of its false ones (int64 tensor)."""
-    import torch
-
-    return torch.cat([torch.nonzero(mask).reshape(-1), torch.nonzero(~mask).reshape(-1)])
 
 
 class _Context(_Hyperprior):
@@ -391,9 +389,8 @@ class _Context(_Hyperprior):
         """
         got = self._orders.get((h, w))
         if got is None:
-            anchors = self._anchor_mask(h, w).reshape(-1)
-            order = torch_cat_nonzero(anchors)
-            got = (order, int(anchors.sum()))
+            anchors = self._anchor_mask(h, w).reshape(-1).numpy()
+            got = (np.concatenate([np.flatnonzero(anchors), np.flatnonzero(~anchors)]), int(anchors.sum()))
             self._orders[h, w] = got
         return got
 
@@ -406,8 +403,7 @@ class _Context(_Hyperprior):
         import torch
 
         means_t, log_scales_t = self.hyper_params(torch.from_numpy(z_hat)[None].to(self.device))
-        order_t, n_anchors = self.order(h, w)
-        order = order_t.numpy()
+        order, n_anchors = self.order(h, w)
         # Everything per symbol lives in coding order, where a pass is a plain slice; only the
         # residual the context reads stays spatial.  Book-keeping is numpy (several times
         # faster than torch indexing at this size); the arithmetic is the same IEEE float64.
@@ -443,7 +439,7 @@ class _Context(_Hyperprior):
         side, z_hat = self.side.encode(encoder, z), self.side.quantize(z)[1]
         stream = BufferedRansEncoder()
         order, n_anchors = self.order(y.shape[1], y.shape[2])
-        ordered = y.reshape(self.M, -1)[:, order.numpy()]
+        ordered = y.reshape(self.M, -1)[:, order]
         spans = {True: slice(0, n_anchors), False: slice(n_anchors, None), None: slice(None)}
 
         def quantize(n: int, indexes: Any, mu: Any) -> Any:
