@@ -164,7 +164,7 @@ def test_unknown_quality_lists_available() -> None:
 
 def test_manifest_digests_match_shipped_files() -> None:
     manifest = json.loads((neural.WEIGHTS_DIR / "manifest.json").read_text())
-    for entry in manifest["models"].values():
+    for entry in [*manifest["models"].values(), *manifest.get("retired", [])]:
         data = (neural.WEIGHTS_DIR / entry["file"]).read_bytes()
         assert hashlib.sha256(data).hexdigest() == entry["sha256"]
         assert len(data) < 8 << 20

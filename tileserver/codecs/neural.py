@@ -19,15 +19,16 @@ Tile bitstream, format version 1 (little-endian)::
     12     1     latent height  == ceil(H / stride), stride 8 or 16 by architecture
     13     1     latent width   == ceil(W / stride)
     14     4     CRC-32 of the payload
-    18     ...   payload: CompressAI rANS string of the M x h x w latent symbols; with a
+    18     ...   payload: rANS string (CompressAI's format) of the M x h x w latent symbols; with a
                  hyperprior (klt-hp8, klt-cx8): u32 length of the side string, the side
                  string (H x ceil(h/4) x ceil(w/4) symbols), then the latent string (with
                  the context model, klt-cx8, its passes in coding order in one stream)
 
 Everything in the header is validated, and the payload's CRC checked, before the
-entropy decoder sees a byte: CompressAI's rANS decoder does no bounds checking,
-so truncated or random input must never reach it.  The payload is also padded
-with zeros so that even a crafted stream with a valid CRC can only read padding.
+entropy decoder sees a byte.  Strings are written by CompressAI's rANS encoder
+and read by our own decoder (``rans.py``: compiled, on numpy arrays, every read
+bounds-checked), so even a crafted stream with a valid CRC fails as one
+``CorruptTile``.
 
 Decoded pixels are bit-identical whatever the batch size, batch composition,
 thread count or device: the synthesis (and the hyper-synthesis that picks each
@@ -38,7 +39,6 @@ arithmetic, and the entropy models' CDF tables are fixed at export.
 
 from __future__ import annotations
 
-import array
 import hashlib
 import json
 import math
@@ -230,56 +230,36 @@ def _architectures() -> dict[str, Any]:
     return dict(ARCHITECTURES)
 
 
-def _int32_array(values: list[int]) -> Any:
-    """A list of ints as an int32 array (through ``array``: about 30 % faster than ``np.fromiter``)."""
-    return np.frombuffer(array.array("i", values), dtype=np.int32)
-
-
 class _Tables:
-    """One entropy model's CDF tables, as CompressAI's rANS coder takes them, converted once.
+    """One entropy model's CDF tables, converted once: lists for CompressAI's encoder, arrays for our decoder.
 
     Each CDF is cut to its own length: the coder reads no further, and pybind11 copies every
-    list on every call, so the padding of the wide scales would cost milliseconds per tile.
+    list on every encoder call, so the padding of the wide scales would cost milliseconds.
     """
 
     def __init__(self, module: Any) -> None:
+        from .rans import Tables
+
         self.lengths: list[int] = module._cdf_length.reshape(-1).int().tolist()
         self.cdfs = [row[:n] for row, n in zip(module._quantized_cdf.tolist(), self.lengths, strict=True)]
         self.offsets: list[int] = module._offset.reshape(-1).int().tolist()
+        self.arrays = Tables(self.cdfs, self.lengths, self.offsets)
 
-    def encode(self, encoder: Any, symbols: Any, indexes: list[int]) -> Any:
+    def encode(self, encoder: Any, symbols: Any, indexes: Any) -> Any:
         """Code ``symbols``: a ``RansEncoder`` returns their string, a ``BufferedRansEncoder`` queues them."""
-        return encoder.encode_with_indexes(symbols.reshape(-1).tolist(), indexes, self.cdfs, self.lengths, self.offsets)
-
-    def read(self, decoder: Any, indexes: Any) -> Any:
-        """The next ``indexes.size`` int32 symbols of a ``RansDecoder`` stream (``set_stream``)."""
-        flat = indexes.reshape(-1)
-        n = flat.size
-        # Only the tables this pass uses cross into C++ (pybind11 copies every list per call).
-        present = np.bincount(flat, minlength=len(self.cdfs)) > 0
-        used = np.flatnonzero(present)
-        local = (np.cumsum(present) - 1)[flat]
-        values = decoder.decode_stream(
-            local.tolist(),
-            [self.cdfs[i] for i in used],
-            [self.lengths[i] for i in used],
-            [self.offsets[i] for i in used],
+        return encoder.encode_with_indexes(
+            symbols.reshape(-1).tolist(), indexes.reshape(-1).tolist(), self.cdfs, self.lengths, self.offsets
         )
-        if len(values) != n:
-            raise CorruptTile("neural: entropy decoder returned the wrong number of symbols")
-        return _int32_array(values)
 
-    def decode(self, data: bytes, indexes: list[int]) -> Any:
-        """The ``len(indexes)`` int32 symbols of ``data``; raises ``CorruptTile``."""
-        from compressai.ans import RansDecoder
+    def read(self, stream: Any, indexes: Any) -> Any:
+        """The next ``indexes.size`` int32 symbols of a :class:`~.rans.RansStream`; raises ``CorruptTile``."""
+        return stream.decode(indexes, self.arrays)
 
-        n = len(indexes)
-        # Zero padding bounds what a crafted stream can make the unchecked rANS decoder read.
-        padded = data + bytes(4 * n + 64)
-        values = RansDecoder().decode_with_indexes(padded, indexes, self.cdfs, self.lengths, self.offsets)
-        if len(values) != n:
-            raise CorruptTile("neural: entropy decoder returned the wrong number of symbols")
-        return _int32_array(values)
+    def decode(self, data: bytes, indexes: Any) -> Any:
+        """The ``indexes.size`` int32 symbols of the string ``data``; raises ``CorruptTile``."""
+        from .rans import RansStream
+
+        return RansStream(data).decode(indexes, self.arrays)
 
 
 class _Factorized:
@@ -289,13 +269,14 @@ class _Factorized:
         self.channels = channels
         self.tables = _Tables(eb)
         self.medians = eb.quantiles[:, 0, 1].detach().double().cpu().numpy()[:, None, None]
-        self._indexes: dict[tuple[int, int], list[int]] = {}
+        self._indexes: dict[tuple[int, int], Any] = {}
 
-    def indexes(self, h: int, w: int) -> list[int]:
+    def indexes(self, h: int, w: int) -> Any:
+        """Each symbol's CDF (its channel's), int32, in coding order (channel-major)."""
         key = (h, w)
         idx = self._indexes.get(key)
         if idx is None:
-            idx = np.repeat(np.arange(self.channels, dtype=np.int32), h * w).tolist()
+            idx = np.repeat(np.arange(self.channels, dtype=np.int32), h * w)
             self._indexes[key] = idx
         return idx
 
@@ -330,11 +311,12 @@ class _Hyperprior:
         self.h_a = model.h_a
         self.step = model.step
 
-    def _params(self, z_hat: Any, h: int, w: int) -> tuple[list[int], Any]:
+    def _params(self, z_hat: Any, h: int, w: int) -> tuple[Any, Any]:
+        """(scale indexes int32, means float64), both ``M x h x w``, for a decoded side latent."""
         import torch
 
         idx, means = self.hyper(torch.from_numpy(z_hat)[None].to(self.device))
-        return idx[0, :, :h, :w].reshape(-1).cpu().tolist(), means[0, :, :h, :w].cpu().numpy()
+        return idx[0, :, :h, :w].cpu().numpy(), means[0, :, :h, :w].cpu().numpy()
 
     def encode(self, encoder: Any, y: Any) -> bytes:
         import torch
@@ -380,55 +362,46 @@ class _Context(_Hyperprior):
         self.context = model.exact_context(device)
         self._anchor_mask, self._grid_residual = anchor_mask, grid_residual
         self._hyper_mean_clamped, self._scale_indexes = hyper_mean_clamped, scale_indexes
-        self._orders: dict[tuple[int, int], tuple[Any, int]] = {}
+        self._positions: dict[tuple[int, int], dict[bool | None, Any]] = {}
 
-    def order(self, h: int, w: int) -> tuple[Any, int]:
-        """Flat positions in coding order (checkerboard anchors first), and the number of anchors.
-
-        A checkerboard pass codes ``order[:n]`` or ``order[n:]``, any other pass all of ``order``.
-        """
-        got = self._orders.get((h, w))
+    def positions(self, h: int, w: int) -> dict[bool | None, Any]:
+        """Flat positions each kind of pass codes: anchors (True), the others (False), all (None: a slice)."""
+        got = self._positions.get((h, w))
         if got is None:
             anchors = self._anchor_mask(h, w).reshape(-1).numpy()
-            got = (np.concatenate([np.flatnonzero(anchors), np.flatnonzero(~anchors)]), int(anchors.sum()))
-            self._orders[h, w] = got
+            got = {True: np.flatnonzero(anchors), False: np.flatnonzero(~anchors), None: slice(None)}
+            self._positions[h, w] = got
         return got
 
     def _code(self, z_hat: Any, h: int, w: int, symbols_for: Any) -> Any:
         """Walk the passes; ``symbols_for(pass, indexes, means)`` returns each pass's int32 symbols.
 
         ``indexes`` (int32) and ``means`` (float64) are numpy arrays ``channels x positions``;
-        returns the decoded latent ``M x h x w`` (float64).
+        returns the decoded latent ``M x h x w`` (float64).  Book-keeping is numpy (several
+        times faster than torch indexing at this size), the arithmetic the same IEEE float64.
         """
         import torch
 
         means_t, log_scales_t = self.hyper_params(torch.from_numpy(z_hat)[None].to(self.device))
-        order, n_anchors = self.order(h, w)
-        # Everything per symbol lives in coding order, where a pass is a plain slice; only the
-        # residual the context reads stays spatial.  Book-keeping is numpy (several times
-        # faster than torch indexing at this size); the arithmetic is the same IEEE float64.
-        means = self._hyper_mean_clamped(means_t[0, :, :h, :w]).reshape(self.M, h * w).cpu().numpy()[:, order]
-        log_scales = log_scales_t[0, :, :h, :w].reshape(self.M, h * w).cpu().numpy()[:, order]
+        means = self._hyper_mean_clamped(means_t[0, :, :h, :w]).reshape(self.M, h * w).cpu().numpy()
+        log_scales = log_scales_t[0, :, :h, :w].reshape(self.M, h * w).cpu().numpy()
+        positions = self.positions(h, w)
         y_hat = np.empty_like(means)
-        residual = np.zeros((self.M, h * w))  # zero until decoded
-        spans = {True: slice(0, n_anchors), False: slice(n_anchors, h * w), None: slice(0, h * w)}
+        residual = np.zeros((self.M, h * w))  # zero until decoded: what the context may read
         for n, (k, lo, hi, where) in enumerate(self.passes):
             own = None
             if where is False:
                 own = torch.from_numpy(residual[lo:hi]).reshape(1, hi - lo, h, w).to(self.device)
             prev = torch.from_numpy(residual[:lo]).reshape(1, lo, h, w).to(self.device)
-            d_mean, d_log = self.context(k, prev, own)
-            span = spans[where]
-            pos = order[span]
-            d = torch.cat([d_mean, d_log], dim=1)[0].reshape(2 * (hi - lo), h * w).cpu().numpy()[:, pos]
-            mu = means[lo:hi, span] + d[: hi - lo]
-            indexes = self._scale_indexes(torch.from_numpy(log_scales[lo:hi, span] + d[hi - lo :])).numpy()
+            d_mean, d_log = (t[0].reshape(hi - lo, h * w).cpu().numpy() for t in self.context(k, prev, own))
+            pos = positions[where]
+            hyper_mu = means[lo:hi, pos]
+            mu = hyper_mu + d_mean[:, pos]
+            indexes = self._scale_indexes(torch.from_numpy(log_scales[lo:hi, pos] + d_log[:, pos])).numpy()
             yk = symbols_for(n, indexes, mu).reshape(mu.shape) + mu
-            y_hat[lo:hi, span] = yk
-            residual[lo:hi, pos] = self._grid_residual(torch.from_numpy(yk), torch.from_numpy(means[lo:hi, span]))
-        out = np.empty_like(y_hat)
-        out[:, order] = y_hat
-        return out.reshape(self.M, h, w)
+            y_hat[lo:hi, pos] = yk
+            residual[lo:hi, pos] = self._grid_residual(torch.from_numpy(yk), torch.from_numpy(hyper_mu)).numpy()
+        return y_hat.reshape(self.M, h, w)
 
     def encode(self, encoder: Any, y: Any) -> bytes:
         import torch
@@ -438,14 +411,13 @@ class _Context(_Hyperprior):
             z = self.h_a(torch.from_numpy(y)[None].float().to(self.device) * self.step)[0].double().cpu().numpy()
         side, z_hat = self.side.encode(encoder, z), self.side.quantize(z)[1]
         stream = BufferedRansEncoder()
-        order, n_anchors = self.order(y.shape[1], y.shape[2])
-        ordered = y.reshape(self.M, -1)[:, order]
-        spans = {True: slice(0, n_anchors), False: slice(n_anchors, None), None: slice(None)}
+        flat = y.reshape(self.M, -1)
+        positions = self.positions(y.shape[1], y.shape[2])
 
         def quantize(n: int, indexes: Any, mu: Any) -> Any:
             _, lo, hi, where = self.passes[n]
-            q = np.round(ordered[lo:hi, spans[where]] - mu).astype(np.int32)
-            self.tables.encode(stream, q, indexes.reshape(-1).tolist())
+            q = np.round(flat[lo:hi, positions[where]] - mu).astype(np.int32)
+            self.tables.encode(stream, q, indexes)
             return q
 
         self._code(z_hat, y.shape[1], y.shape[2], quantize)
@@ -453,13 +425,11 @@ class _Context(_Hyperprior):
         return struct.pack("<I", len(side)) + side + latent
 
     def decode(self, data: bytes, h: int, w: int) -> Any:
-        from compressai.ans import RansDecoder
+        from .rans import RansStream
 
         z_hat, latent = self._side(data, h, w)
-        decoder = RansDecoder()
-        # Zero padding bounds what a crafted stream can make the unchecked rANS decoder read.
-        decoder.set_stream(latent + bytes(4 * self.M * h * w + 64))
-        return self._code(z_hat, h, w, lambda n, indexes, mu: self.tables.read(decoder, indexes))
+        stream = RansStream(latent)
+        return self._code(z_hat, h, w, lambda n, indexes, mu: self.tables.read(stream, indexes))
 
 
 class _Model:
@@ -486,6 +456,9 @@ class _Model:
         else:
             self.coder = _Factorized(model.entropy_bottleneck, model.M)
         self.synthesize = model.exact_synthesizer(self.device)
+        from .rans import warm_up
+
+        warm_up()
 
 
 @register("neural")
