@@ -17,6 +17,9 @@ a value outside the table follows as 4-bit groups (a run-length count of groups,
 Every read is bounds-checked: a damaged stream yields ``CorruptTile``, never a read
 past its buffer (CompressAI's decoder does not check, hence the zero padding the
 neural codec used to add).  Encoding stays CompressAI's (it is offline).
+
+Compiled at model load (:func:`warm_up`, about 0.7 s) and not cached on disk: a
+read-only install or a user without a home directory must not break decoding.
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ _BYPASS_MAX = (1 << _BYPASS_BITS) - 1
 _OVERRUN = -1
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=False, nogil=True)
 def _get_bits(state: np.uint64, words: Any, pos: int, nbits: int) -> tuple[int, np.uint64, int]:
     value = int(state & np.uint64((1 << nbits) - 1))
     state = state >> np.uint64(nbits)
@@ -49,7 +52,7 @@ def _get_bits(state: np.uint64, words: Any, pos: int, nbits: int) -> tuple[int, 
     return value, state, pos
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=False, nogil=True)
 def _decode(
     words: Any, pos: int, state: np.uint64, indexes: Any, cdfs: Any, lengths: Any, offsets: Any, out: Any
 ) -> tuple[int, np.uint64]:
