@@ -1,12 +1,14 @@
 """Per-tile decode speed: each neural quality beside JPEG, JPEG-XL and JPEG 2000, same tiles, same run.
 
-For the neural codec it splits the time into entropy decoding (CompressAI rANS,
-per tile) and synthesis (our exact float64 transform), at 1 and 2 torch
-threads, for batch 1 and batches of 4, 8 and 16 (the best is reported), and
-also times the plain float32 synthesis to show what exactness costs.  Classic
+For the neural codec it splits the time into entropy decoding (side latent,
+hyper-synthesis, context passes and our rANS decoder, per tile) and synthesis
+(our exact float64 transform), at 1 and 2 torch threads, for batch 1 and
+batches of 4, 8 and 16 (the best is reported), and also times the plain
+float32 synthesis to show what exactness costs.  Classic
 codecs decode single-threaded (``numthreads=1``).
 
     .venv/bin/python bench/decode.py            # prints JSON + a table, writes bench/results/decode.json
+    .venv/bin/python bench/decode.py --retired  # and the retired neural models (the ones replaced)
 
 Timings are medians over tiles of the best of ``--reps`` repetitions; the
 machine's load at the time is recorded with them.
@@ -74,14 +76,15 @@ def bench_classic(tiles: np.ndarray, reps: int) -> dict[str, Any]:
     return out
 
 
-def bench_neural(q: int, tiles: np.ndarray, reps: int) -> dict[str, Any]:
+def bench_neural(q: int, tiles: np.ndarray, reps: int, model_sha: str | None = None) -> dict[str, Any]:
     import torch
 
-    codec = codecs.get("neural", quality=q, device="cpu")
+    codec = codecs.get("neural", quality=q, device="cpu", model=model_sha)
     blobs = codec.encode_batch(list(tiles))  # type: ignore[attr-defined]
     decoded = np.stack(codec.decode_batch(blobs))  # type: ignore[arg-type]
     model = codec._load()  # type: ignore[attr-defined]  # internal: to time the two stages apart
     res: dict[str, Any] = {
+        "architecture": codec.model_info["architecture"],  # type: ignore[attr-defined]
         "bpp": float(np.mean([len(b) * 8 / (t.shape[0] * t.shape[1]) for b, t in zip(blobs, tiles, strict=True)])),
         "psnr": float(psnr_batch(tiles, decoded).mean()),
         "ssim": float(ssim_batch(tiles, decoded).mean()),
@@ -131,10 +134,12 @@ def print_table(result: dict[str, Any]) -> None:
         f"\n{'neural':<10}{'bpp':>7}{'PSNR':>7}{'SSIM':>7}{'thr':>5}{'entropy':>9}{'synth b1':>10}"
         f"{'total b1':>10}{'total b8':>10}{'best b':>8}{'total best':>12}{'fp32 synth':>12}"
     )
-    for q, r in result["neural"].items():
+    rows = [(f"q{q}", r) for q, r in result["neural"].items()]
+    rows += [(f"q{q} ret.", r) for q, r in result.get("neural_retired", {}).items()]
+    for name, r in rows:
         for thr, t in r["threads"].items():
             print(
-                f"q{q:<9}{r['bpp']:>7.3f}{r['psnr']:>7.2f}{r['ssim']:>7.4f}{thr:>5}{t['entropy_ms']:>9.2f}"
+                f"{name:<10}{r['bpp']:>7.3f}{r['psnr']:>7.2f}{r['ssim']:>7.4f}{thr:>5}{t['entropy_ms']:>9.2f}"
                 f"{t['synthesis_ms_b1']:>10.2f}{t['decode_ms_b1']:>10.2f}{t['decode_ms_b8'] or float('nan'):>10.2f}"
                 f"{t['best_batch']:>8}"
                 f"{t['decode_ms_best']:>12.2f}{t['synthesis_fp32_ms_b1']:>12.2f}"
@@ -147,9 +152,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--reps", type=int, default=2, help="repetitions per timing, best kept")
     ap.add_argument("--qualities", type=int, nargs="*", help="neural qualities (default: all installed)")
     ap.add_argument("--out", type=Path, default=OUT)
+    ap.add_argument("--retired", action="store_true", help="also time the retired neural models")
     args = ap.parse_args(argv)
 
-    from tileserver.codecs.neural import available_qualities
+    from tileserver.codecs.neural import available_qualities, retired_models
 
     all_tiles = load_tiles(per_slide=6, per_patch=1)
     # Half from the slides, half from the patches, deterministic.
@@ -170,6 +176,13 @@ def main(argv: list[str] | None = None) -> int:
     }
     for q in args.qualities or available_qualities():
         result["neural"][str(q)] = bench_neural(q, tiles, args.reps)
+    if args.retired:
+        retired = retired_models()
+        result["neural_retired"] = {
+            str(q): bench_neural(q, tiles, args.reps, retired[q])
+            for q in args.qualities or available_qualities()
+            if q in retired
+        }
     result["seconds"] = round(time.time() - t0, 1)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
