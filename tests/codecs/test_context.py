@@ -174,3 +174,22 @@ def test_export_refuses_context_weights_outside_the_exact_range() -> None:
         model.ctx_in[2].weight[0, 0, 0, 0] = 100.0  # 9 * 9 terms leave room for |w| < 32 only
     with pytest.raises(ValueError, match=r"\(8, 9, 3, 3\) weight exceeds the exact-decoding range"):
         model.snap_synthesis_()
+
+
+def test_numpy_and_torch_index_and_grid_arithmetic_agree() -> None:
+    # The coder does its book-keeping in numpy, training and the hyperprior coder in torch:
+    # the two must give the same scale indexes and grid values, ties and extremes included.
+    from tileserver.codecs.models.context import grid_residual
+    from tileserver.codecs.models.klt import SCALE_LOG_MIN, SCALE_LOG_STEP, scale_indexes
+
+    rng = np.random.default_rng(0)
+    logs = np.concatenate(
+        [rng.uniform(-6, 9, 5000), SCALE_LOG_MIN + SCALE_LOG_STEP * np.arange(-3, 62), [np.nextafter(SCALE_LOG_MIN, 0)]]
+    )
+    assert np.array_equal(scale_indexes(logs), scale_indexes(torch.from_numpy(logs)).numpy())
+    ties = (np.arange(-4000, 4000) + 0.5) / 1024  # exactly half-way between grid points
+    y = np.concatenate([rng.normal(0, 300, 5000), ties, [5000.0, -5000.0]])
+    mu = np.concatenate([rng.normal(0, 3, 5000) * 2.0**-20, np.zeros(len(ties) + 2)])
+    got = grid_residual(y, mu)
+    assert np.array_equal(got, grid_residual(torch.from_numpy(y), torch.from_numpy(mu)).numpy())
+    assert np.all(np.abs(got) < 1024)

@@ -397,10 +397,10 @@ class _Context(_Hyperprior):
             pos = positions[where]
             hyper_mu = means[lo:hi, pos]
             mu = hyper_mu + d_mean[:, pos]
-            indexes = self._scale_indexes(torch.from_numpy(log_scales[lo:hi, pos] + d_log[:, pos])).numpy()
+            indexes = self._scale_indexes(log_scales[lo:hi, pos] + d_log[:, pos])
             yk = symbols_for(n, indexes, mu).reshape(mu.shape) + mu
             y_hat[lo:hi, pos] = yk
-            residual[lo:hi, pos] = self._grid_residual(torch.from_numpy(yk), torch.from_numpy(hyper_mu)).numpy()
+            residual[lo:hi, pos] = self._grid_residual(yk, hyper_mu)
         return y_hat.reshape(self.M, h, w)
 
     def encode(self, encoder: Any, y: Any) -> bytes:

@@ -30,7 +30,9 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Callable, Sequence
+from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -281,8 +283,14 @@ def _bias_only(b: Tensor | None, x: Tensor) -> Tensor:
     return b[None, :, None, None].expand(x.shape[0], -1, x.shape[2], x.shape[3]).clone()
 
 
-def grid_residual(y_hat: Tensor, hyper_means: Tensor) -> Tensor:
-    """The context's input: ``y_hat - hyper_mean`` on the activation grid (exact)."""
+def grid_residual(y_hat: Any, hyper_means: Any) -> Any:
+    """The context's input: ``y_hat - hyper_mean`` on the activation grid (exact).
+
+    Takes tensors or numpy arrays (the same IEEE operations: round half to even, so the same values).
+    """
+    if isinstance(y_hat, np.ndarray):
+        scale = float(2**ACT_BITS)
+        return np.clip(np.round((y_hat - hyper_means) * scale) / scale, -_A_MAX, _A_MAX)
     return _to_grid(y_hat - hyper_means, ACT_BITS, _A_MAX)
 
 

@@ -256,8 +256,11 @@ def _conv(x: Tensor, w: Tensor, b: Tensor | None, padding: int) -> Tensor:
         return (out if b is None else out + b[:, None]).reshape(n, -1, h, wd)
     if x.device.type == "cpu":
         # CPU float64 convolution is im2col + GEMM, exact on these grids in any summation order;
-        # channels-last input runs the 3x3 layers about 25 % faster here (bench/decode.py).
-        return F.conv2d(x.contiguous(memory_format=torch.channels_last), w, b, padding=padding)
+        # channels-last input runs the synthesis's 3x3 layers about 25 % faster here
+        # (bench/decode.py); the context's small layers (<= 32 channels at 32x32) run faster as they are.
+        if x.shape[1] >= 64 or x.shape[2] * x.shape[3] >= 4096:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return F.conv2d(x, w, b, padding=padding)
     # cuDNN may pick FFT/Winograd algorithms, which are not exact; im2col + GEMM is.
     k = w.shape[-1]
     cols = F.unfold(x, k, padding=padding)
@@ -292,8 +295,14 @@ SCALE_LEVELS = 58  # up to 0.11 * exp(57 / 8) = 137
 SCALE_LOG_TABLE: tuple[float, ...] = tuple(SCALE_LOG_MIN + i * SCALE_LOG_STEP for i in range(SCALE_LEVELS))
 
 
-def scale_indexes(log_scales: Tensor) -> Tensor:
-    """Table index of each float64 log-scale: the smallest table scale not below it (exact arithmetic)."""
+def scale_indexes(log_scales: Any) -> Any:
+    """Table index of each float64 log-scale: the smallest table scale not below it (exact arithmetic).
+
+    Takes a tensor or a numpy array (the same IEEE operations, so the same indexes).
+    """
+    if isinstance(log_scales, np.ndarray):
+        idx_np = np.ceil((log_scales - SCALE_LOG_MIN) * (1.0 / SCALE_LOG_STEP))
+        return np.clip(idx_np, 0, SCALE_LEVELS - 1).astype(np.int32)
     idx = torch.ceil((log_scales - SCALE_LOG_MIN) * (1.0 / SCALE_LOG_STEP))
     return idx.clamp_(0, SCALE_LEVELS - 1).to(torch.int32)
 
