@@ -16,6 +16,10 @@ cd "$(dirname "$0")/.."
 MINUTES=${MINUTES:-8}
 [ "$MINUTES" -ge 5 ] || { echo "MINUTES must be at least 5 (--until has minute resolution)" >&2; exit 2; }
 DEVICE=${DEVICE:-cuda}
+# The shared data: ./shared/data on a device machine's copy of the tree, else ../shared/data.
+if [ -z "${DATA:-}" ]; then
+  if [ -d shared/data ]; then DATA=shared/data; else DATA=../shared/data; fi
+fi
 PY=${PY:-.venv/bin/python}
 C=tileserver/codecs/configs
 steps=("$@")
@@ -29,7 +33,8 @@ run_phase() {  # $1: config name pattern (NNN = the step), $2: --until
   local pids=()
   for s in "${steps[@]}"; do
     local name=${1//NNN/$s}
-    "$PY" -m tileserver.train "$C/$name.toml" --device "$DEVICE" --until "$2" > "$OUT/logs/$name.out" 2>&1 &
+    "$PY" -m tileserver.train "$C/$name.toml" --device "$DEVICE" --data "$DATA" --until "$2" \
+      > "$OUT/logs/$name.out" 2>&1 &
     pids+=($!)
   done
   for p in "${pids[@]}"; do wait "$p"; done
@@ -40,7 +45,8 @@ run_phase "klt-hp-sNNN-256" "$phase2_end"
 run_phase "klt-cx-sNNN" "$phase3_end"
 configs=()
 for s in "${steps[@]}"; do configs+=("$C/klt-cx-s$s.toml"); done
-"$PY" -m tileserver.train "${configs[@]}" --export --weights-dir "$OUT/weights" > "$OUT/logs/export.out" 2>&1
+"$PY" -m tileserver.train "${configs[@]}" --export --data "$DATA" --weights-dir "$OUT/weights" \
+  > "$OUT/logs/export.out" 2>&1
 for s in "${steps[@]}"; do
   for name in "klt-hp-s$s" "klt-hp-s$s-256" "klt-cx-s$s"; do
     mkdir -p "$OUT/runs/$name"
