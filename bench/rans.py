@@ -41,19 +41,18 @@ def main() -> int:
     ours, theirs, symbols = [], [], 0
     for blob in codec.encode_batch(tiles):
         *_, lh, lw, payload = parse_header(blob, model.stride)
-        passes: list[Any] = []
-        decode = coder.tables.read
+        z_hat, latent = coder._side(payload, lh, lw)
+        if hasattr(coder, "_code"):  # context model: decode once, keeping each pass's CDF indexes
+            passes: list[Any] = []
+            stream = RansStream(latent)
 
-        def record(stream: Any, indexes: Any, passes: list[Any] = passes, decode: Any = decode) -> Any:
-            passes.append(np.array(indexes, dtype=np.int32).reshape(-1))
-            return decode(stream, indexes)
+            def record(n: int, indexes: Any, mu: Any, passes: list[Any] = passes, stream: Any = stream) -> Any:
+                passes.append(indexes.reshape(-1).astype(np.int32))
+                return tables.read(stream, indexes)
 
-        coder.tables.read = record  # type: ignore[method-assign]
-        try:
-            coder.decode(payload, lh, lw)  # records the passes
-        finally:
-            del coder.tables.read
-        _, latent = coder._side(payload, lh, lw)
+            coder._code(z_hat, lh, lw, record)
+        else:  # hyperprior: one pass
+            passes = [coder._params(z_hat, lh, lw)[0].reshape(-1)]
         symbols += sum(p.size for p in passes)
 
         def run_ours(latent: bytes = latent, passes: list[Any] = passes) -> list[Any]:

@@ -85,12 +85,12 @@ def test_training_path_is_causal(image: np.ndarray) -> None:
     model = _context(_hyper(image), random=True)
     y = torch.randn(1, model.M, 6, 6) * 3
     means, logs = torch.zeros_like(y), torch.zeros_like(y)
-    base_m, base_l, _ = model.context_params(y, means, logs)
+    base_m, base_l, _ = model.latent_params(y, means, logs)
     anchors = anchor_mask(6, 6)
     for c, i, j in [(0, 2, 2), (4, 2, 3), (10, 3, 3)]:
         y2 = y.clone()
         y2[0, c, i, j] += 5.0
-        m2, l2 = model.context_params(y2, means, logs)[:2]
+        m2, l2 = model.latent_params(y2, means, logs)[:2]
         changed = ((m2 - base_m).abs() + (l2 - base_l).abs())[0] > 0
         k = next(k for k in range(3) if model.bounds[k] <= c < model.bounds[k + 1])
         lo, hi = model.bounds[k], model.bounds[k + 1]

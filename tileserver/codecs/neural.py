@@ -307,7 +307,7 @@ class _Hyperprior:
         self.M = model.M
         self.side = _Factorized(model.hyper_bottleneck, model.H)
         self.tables = _Tables(model.gaussian_conditional)
-        self.hyper = model.exact_hyper(device)
+        self.hyper_params = model.exact_hyper_params(device)
         self.h_a = model.h_a
         self.step = model.step
 
@@ -315,8 +315,10 @@ class _Hyperprior:
         """(scale indexes int32, means float64), both ``M x h x w``, for a decoded side latent."""
         import torch
 
-        idx, means = self.hyper(torch.from_numpy(z_hat)[None].to(self.device))
-        return idx[0, :, :h, :w].cpu().numpy(), means[0, :, :h, :w].cpu().numpy()
+        from .models.klt import scale_indexes
+
+        means, log_scales = self.hyper_params(torch.from_numpy(z_hat)[None].to(self.device))
+        return scale_indexes(log_scales[0, :, :h, :w]).cpu().numpy(), means[0, :, :h, :w].cpu().numpy()
 
     def encode(self, encoder: Any, y: Any) -> bytes:
         import torch
@@ -353,22 +355,18 @@ class _Context(_Hyperprior):
     """
 
     def __init__(self, model: Any, device: Any) -> None:
-        from .models.context import anchor_mask, grid_residual, hyper_mean_clamped
-        from .models.klt import scale_indexes
-
         super().__init__(model, device)
         self.passes = model.passes()
-        self.hyper_params = model.exact_hyper_params(device)
         self.context = model.exact_context(device)
-        self._anchor_mask, self._grid_residual = anchor_mask, grid_residual
-        self._hyper_mean_clamped, self._scale_indexes = hyper_mean_clamped, scale_indexes
         self._positions: dict[tuple[int, int], dict[bool | None, Any]] = {}
 
     def positions(self, h: int, w: int) -> dict[bool | None, Any]:
         """Flat positions each kind of pass codes: anchors (True), the others (False), all (None: a slice)."""
+        from .models.context import anchor_mask
+
         got = self._positions.get((h, w))
         if got is None:
-            anchors = self._anchor_mask(h, w).reshape(-1).numpy()
+            anchors = anchor_mask(h, w).reshape(-1).numpy()
             got = {True: np.flatnonzero(anchors), False: np.flatnonzero(~anchors), None: slice(None)}
             self._positions[h, w] = got
         return got
@@ -382,8 +380,11 @@ class _Context(_Hyperprior):
         """
         import torch
 
+        from .models.context import grid_residual, hyper_mean_clamped
+        from .models.klt import scale_indexes
+
         means_t, log_scales_t = self.hyper_params(torch.from_numpy(z_hat)[None].to(self.device))
-        means = self._hyper_mean_clamped(means_t[0, :, :h, :w]).reshape(self.M, h * w).cpu().numpy()
+        means = hyper_mean_clamped(means_t[0, :, :h, :w]).reshape(self.M, h * w).cpu().numpy()
         log_scales = log_scales_t[0, :, :h, :w].reshape(self.M, h * w).cpu().numpy()
         positions = self.positions(h, w)
         y_hat = np.empty_like(means)
@@ -397,10 +398,10 @@ class _Context(_Hyperprior):
             pos = positions[where]
             hyper_mu = means[lo:hi, pos]
             mu = hyper_mu + d_mean[:, pos]
-            indexes = self._scale_indexes(log_scales[lo:hi, pos] + d_log[:, pos])
+            indexes = scale_indexes(log_scales[lo:hi, pos] + d_log[:, pos])
             yk = symbols_for(n, indexes, mu).reshape(mu.shape) + mu
             y_hat[lo:hi, pos] = yk
-            residual[lo:hi, pos] = self._grid_residual(yk, hyper_mu)
+            residual[lo:hi, pos] = grid_residual(yk, hyper_mu)
         return y_hat.reshape(self.M, h, w)
 
     def encode(self, encoder: Any, y: Any) -> bytes:

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .factorized import _to_grid
-from .klt import _A_MAX, _B_MAX, ACT_BITS, SCALE_LOG_TABLE, WEIGHT_BITS, KLTHyper, _bias, _conv, _relu_grid_, _w_max
+from .klt import _A_MAX, ACT_BITS, KLTHyper, _bias, _conv, _relu_grid_, exact_weights
 
 __all__ = ["CORRECTION_MAX", "KLTContext", "anchor_mask", "grid_residual", "hyper_mean_clamped"]
 
@@ -173,7 +173,7 @@ class KLTContext(KLTHyper):
         out: Tensor = F.conv2d(x, w, b, padding=pad)
         return out
 
-    def context_params(self, y: Tensor, means: Tensor, log_scales: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def latent_params(self, y: Tensor, means: Tensor, log_scales: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Training: (means, log-scales, rounded latent) of ``y`` pass by pass, as decoding sees them.
 
         Each pass rounds its latents about its own means (straight-through) before a later
@@ -209,23 +209,6 @@ class KLTContext(KLTHyper):
             done.append(yh_k - hm)
         return torch.cat(out_means, dim=1), torch.cat(out_logs, dim=1), torch.cat(out_y, dim=1)
 
-    def forward(self, x: Tensor) -> dict[str, object]:
-        """Training pass: rates from noisy latents under the context's Gaussians, synthesis from rounded ones.
-
-        With the synthesis frozen (rate-only fine-tuning, ``freeze`` in a training config)
-        training skips it: ``x_hat`` is then ``None``.
-        """
-        y = self.g_a(x)
-        z = self.h_a(y * self.step)
-        z_hat, z_lik = self.hyper_bottleneck(z)
-        means, log_scales = self.hyper_synthesize(z_hat, (y.shape[2], y.shape[3]))
-        means, log_scales, y_hat = self.context_params(y, means, log_scales)
-        lo, hi = SCALE_LOG_TABLE[0], SCALE_LOG_TABLE[-1]
-        _, y_lik = self.gaussian_conditional(y, torch.exp(log_scales.clamp(lo, hi)), means)
-        frozen = self.training and not self.inverse.weight.requires_grad
-        x_hat = None if frozen else self.synthesize(y_hat)
-        return {"x_hat": x_hat, "likelihoods": torch.cat([y_lik.flatten(), z_lik.flatten()])}
-
     # -- exact inference --------------------------------------------------
     def _context_convs(self) -> list[nn.Conv2d]:
         return [c for k in range(len(self.ctx_in)) if self._has_context(k) for c in self._layers(k)]
@@ -233,37 +216,17 @@ class KLTContext(KLTHyper):
     def _exact_convs(self) -> list[tuple[nn.Conv2d, float]]:
         return [*super()._exact_convs(), *((c, 1.0) for c in self._context_convs())]
 
-    def _context_grid_layers(self) -> dict[tuple[int, int], tuple[Tensor, Tensor]]:
-        layers = {}
-        for k in range(len(self.ctx_in)):
-            if not self._has_context(k):
-                continue
-            for layer, conv in enumerate(self._layers(k)):
-                w, b = conv.weight.detach().double(), _bias(conv).detach().double()
-                layers[k, layer] = (_to_grid(w, WEIGHT_BITS, _w_max(conv)), _to_grid(b, WEIGHT_BITS, _B_MAX))
-        return layers
-
-    @torch.no_grad()
-    def snap_synthesis_(self) -> None:
-        """Put the synthesis, hyper-synthesis and context weights on their exact grids, in place."""
-        super().snap_synthesis_()
-        for (k, layer), (w, b) in self._context_grid_layers().items():
-            conv = self._layers(k)[layer]
-            conv.weight.copy_(w.float())
-            _bias(conv).copy_(b.float())
-
     def exact_context(self, device: torch.device) -> Callable[[int, Tensor, Tensor | None], tuple[Tensor, Tensor]]:
         """Order-independent corrections: ``(k, prev, own)`` -> float64 ``(d_mean, d_log_scale)``.
 
         ``prev`` and ``own`` as in :meth:`_correction`, on the activation grid (see
         :func:`grid_residual`).
         """
-        grid = self._context_grid_layers()
-        parts = {
-            k: self._split_layers(k, *(t.to(device).contiguous() for t in (*grid[k, 0], *grid[k, 1])))
-            for k in range(len(self.ctx_in))
-            if self._has_context(k)
-        }
+        parts = {}
+        for k in range(len(self.ctx_in)):
+            if self._has_context(k):
+                (w_in, b_in), (w_out, b_out) = map(exact_weights, self._layers(k))
+                parts[k] = self._split_layers(k, *(t.to(device) for t in (w_in, b_in, w_out, b_out)))
 
         def conv(k: int, part: str, x: Tensor) -> Tensor:
             w, b, pad = parts[k][part]

@@ -59,6 +59,7 @@ __all__ = [
     "SCALE_LOG_TABLE",
     "WEIGHT_BITS",
     "KLTHyper",
+    "exact_weights",
     "fit_klt",
     "image_blocks",
     "scale_indexes",
@@ -170,18 +171,16 @@ class KLTPS(FactorizedPrior, nn.Module):
     # -- exact inference --------------------------------------------------
     def _grid_layers(self) -> list[tuple[Tensor, Tensor]]:
         # The step is folded into the first layers, whose input is then the latent itself.
-        layers = []
-        for i, conv in enumerate(self._synthesis_convs()):
-            w = conv.weight.detach().double() * (self.step if i <= 1 else 1.0)
-            b = _bias(conv).detach().double()
-            layers.append((_to_grid(w, WEIGHT_BITS, _w_max(conv)), _to_grid(b, WEIGHT_BITS, _B_MAX)))
-        return layers
+        return [exact_weights(conv, scale) for conv, scale in KLTPS._exact_convs(self)]
 
     def _synthesis_convs(self) -> list[nn.Conv2d]:
         return [self.inverse] + [s.conv for s in self.g_s if isinstance(s, _SubPixel)]
 
     def _exact_convs(self) -> list[tuple[nn.Conv2d, float]]:
-        """Every convolution the exact decoder runs, with the scale folded into its weights."""
+        """Every convolution the exact decoder runs, with the scale folded into its weights.
+
+        Subclasses add theirs: range checks and snapping at export cover exactly this list.
+        """
         return [(c, self.step if i <= 1 else 1.0) for i, c in enumerate(self._synthesis_convs())]
 
     def _check_ranges(self) -> None:
@@ -196,9 +195,10 @@ class KLTPS(FactorizedPrior, nn.Module):
 
     @torch.no_grad()
     def snap_synthesis_(self) -> None:
-        """Put the synthesis weights on the exact-decoding grid, in place (export)."""
+        """Put every exactly decoded convolution's weights on its grid, in place (export)."""
         self._check_ranges()
-        for (conv, scale), (w, b) in zip(KLTPS._exact_convs(self), self._grid_layers(), strict=True):
+        for conv, scale in self._exact_convs():
+            w, b = exact_weights(conv, scale)
             conv.weight.copy_((w / scale).float())
             _bias(conv).copy_(b.float())
 
@@ -234,6 +234,13 @@ class KLTPS(FactorizedPrior, nn.Module):
             return F.pixel_shuffle(out, 2)
 
         return run
+
+
+def exact_weights(conv: nn.Conv2d, scale: float = 1.0) -> tuple[Tensor, Tensor]:
+    """``conv``'s weights (times ``scale``) and bias on the exact-decoding grid, float64."""
+    w = conv.weight.detach().double() * scale
+    b = _bias(conv).detach().double()
+    return _to_grid(w, WEIGHT_BITS, _w_max(conv)), _to_grid(b, WEIGHT_BITS, _B_MAX)
 
 
 def _relu_grid_(x: Tensor) -> Tensor:
@@ -364,16 +371,27 @@ class KLTHyper(KLTPS):
         p = F.pixel_shuffle(self.h_s2(h), 2)[:, :, : size[0], : size[1]]
         return p[:, : self.M], p[:, self.M :]
 
+    def latent_params(self, y: Tensor, means: Tensor, log_scales: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Training: the (means, log-scales) ``y`` is coded under, and ``y`` rounded about those
+        means with a straight-through gradient.  Here the hyperprior's own; a context model
+        refines them (``context.py``)."""
+        return means, log_scales, y + (torch.round(y - means) + means - y).detach()
+
     def forward(self, x: Tensor) -> dict[str, Any]:
-        """Training pass: rates from noisy latents, synthesis from rounded ones (straight-through)."""
+        """Training pass: rates from noisy latents, synthesis from rounded ones (straight-through).
+
+        With the synthesis frozen (rate-only fine-tuning, ``freeze`` in a training config)
+        training skips it: ``x_hat`` is then ``None``.
+        """
         y = self.g_a(x)
         z = self.h_a(y * self.step)
         z_hat, z_lik = self.hyper_bottleneck(z)
         means, log_scales = self.hyper_synthesize(z_hat, (y.shape[2], y.shape[3]))
+        means, log_scales, y_hat = self.latent_params(y, means, log_scales)
         lo, hi = SCALE_LOG_TABLE[0], SCALE_LOG_TABLE[-1]
         _, y_lik = self.gaussian_conditional(y, torch.exp(log_scales.clamp(lo, hi)), means)
-        y_round = torch.round(y - means) + means
-        x_hat = self.synthesize(y + (y_round - y).detach())
+        frozen = self.training and not self.inverse.weight.requires_grad
+        x_hat = None if frozen else self.synthesize(y_hat)
         return {"x_hat": x_hat, "likelihoods": torch.cat([y_lik.flatten(), z_lik.flatten()])}
 
     def aux_loss(self) -> Tensor:
@@ -388,27 +406,12 @@ class KLTHyper(KLTPS):
         self.gaussian_conditional.update_scale_table([math.exp(t) for t in SCALE_LOG_TABLE], force=True)
 
     # -- exact inference --------------------------------------------------
-    def _hyper_grid_layers(self) -> list[tuple[Tensor, Tensor]]:
-        layers = []
-        for conv in (self.h_s1, self.h_s2):
-            w, b = conv.weight.detach().double(), _bias(conv).detach().double()
-            layers.append((_to_grid(w, WEIGHT_BITS, _w_max(conv)), _to_grid(b, WEIGHT_BITS, _B_MAX)))
-        return layers
-
     def _exact_convs(self) -> list[tuple[nn.Conv2d, float]]:
         return [*super()._exact_convs(), (self.h_s1, 1.0), (self.h_s2, 1.0)]
 
-    @torch.no_grad()
-    def snap_synthesis_(self) -> None:
-        """Put the synthesis and hyper-synthesis weights on their exact grids, in place."""
-        super().snap_synthesis_()
-        for conv, (w, b) in zip((self.h_s1, self.h_s2), self._hyper_grid_layers(), strict=True):
-            conv.weight.copy_(w.float())
-            _bias(conv).copy_(b.float())
-
     def exact_hyper_params(self, device: torch.device) -> Callable[[Tensor], tuple[Tensor, Tensor]]:
         """Order-independent hyper-synthesis: float64 ``z_hat`` -> float64 (means, log-scales)."""
-        (w1, b1), (w2, b2) = [(w.to(device), b.to(device)) for w, b in self._hyper_grid_layers()]
+        (w1, b1), (w2, b2) = [(w.to(device), b.to(device)) for w, b in map(exact_weights, (self.h_s1, self.h_s2))]
 
         def run(z_hat: Tensor) -> tuple[Tensor, Tensor]:
             z = _to_grid(z_hat.double(), ACT_BITS, _A_MAX)
