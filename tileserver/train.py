@@ -311,6 +311,23 @@ def _init_pca(cfg: TrainConfig, model: Any, images: list[npt.NDArray[np.uint8]],
     _log(cfg, f"initialised {cfg.name} from the 8x8 KLT ({kept:.4f} of the variance kept), prior {nll.item():.3f} bpp")
 
 
+def _calibrate_int8(cfg: TrainConfig, model: Any, images: list[npt.NDArray[np.uint8]], device: str) -> None:
+    """Fix an ``int8`` model's activation ranges: the float synthesis's largest ReLU outputs on
+    32 training crops of 256² (seeded), latents rounded as coding rounds them."""
+    import torch
+
+    crops = CropSampler(images, 256, cfg.seed + 2).batch(32)
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        x = torch.from_numpy(crops).to(device).permute(0, 3, 1, 2).float() / 255.0
+        y_hat = torch.cat([model(x[i : i + 4])["y_hat"] for i in range(0, len(x), 4)])
+        model.calibrate_int8_(y_hat)
+    model.train(was_training)
+    ranges = ", ".join(f"{v:.4f}" for v in model.int8_act_max.tolist())
+    _log(cfg, f"calibrated the int8 synthesis on {len(crops)} crops: activation ranges {ranges}")
+
+
 def _lr_at(cfg: TrainConfig, step: int) -> float:
     return cfg.lr * cfg.lr_gamma ** sum(step >= m for m in cfg.lr_milestones)
 
@@ -319,7 +336,7 @@ def train(cfg: TrainConfig, *, data_dir: Path, until: dt.datetime | None, thread
     """Train (or resume) ``cfg`` until ``cfg.steps`` or ``until``; returns the step reached."""
     import torch
 
-    from .codecs.models import build, load_state
+    from .codecs.models import KLTPS, build, load_state
 
     torch.set_num_threads(threads)
     torch.manual_seed(cfg.seed)
@@ -359,7 +376,7 @@ def train(cfg: TrainConfig, *, data_dir: Path, until: dt.datetime | None, thread
         base = load_config(Path(cfg.init) if Path(cfg.init).is_absolute() else cfg.path.parent / cfg.init)
         ck = torch.load(base.run_dir / "ckpt.pt", map_location=device, weights_only=False)
         # A context model starts from the hyperprior it extends, its context network fresh.
-        fresh = load_state(model, ck["model"], missing_ok=("ctx_",))
+        fresh = load_state(model, ck["model"], missing_ok=("ctx_", "int8_"))
         prior = dict(ck.get("init", {}))
         before = {
             "config": str(base.path.name),
@@ -367,6 +384,8 @@ def train(cfg: TrainConfig, *, data_dir: Path, until: dt.datetime | None, thread
             "train_minutes": round((float(ck.get("wall", 0.0)) / 60 + float(prior.get("train_minutes", 0.0))), 1),
         }
         _log(cfg, f"initialised {cfg.name} from {base.name} step {ck['step']} ({len(fresh)} new tensors)")
+    if isinstance(model, KLTPS) and model.int8 and not model._int8_ready():
+        _calibrate_int8(cfg, model, images, device)
     tiles = eval_tiles(cfg, data_dir)
     _log(
         cfg,

@@ -76,8 +76,9 @@ class KLTContext(KLTHyper):
         slices: Sequence[int] = (4, 12, 32),
         checkerboard: int = 3,
         ctx_width: int = 16,
+        int8: bool = False,
     ) -> None:
-        super().__init__(M=M, N=N, widths=widths, step=step, H=H)
+        super().__init__(M=M, N=N, widths=widths, step=step, H=H, int8=int8)
         bounds = [0, *(int(s) for s in slices), self.M]
         if any(b >= c for b, c in itertools.pairwise(bounds)):
             raise ValueError(f"slices must rise strictly inside 1..{self.M - 1}, got {list(slices)}")

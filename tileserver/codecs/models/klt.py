@@ -46,6 +46,7 @@ from compressai.entropy_models import EntropyBottleneck, GaussianConditional
 from torch import Tensor, nn
 
 from .factorized import FactorizedPrior, _SubPixel, _to_grid
+from .int8 import LATENT_FRAC_BITS
 
 __all__ = [
     "ACT_BITS",
@@ -103,13 +104,21 @@ class KLTPS(FactorizedPrior, nn.Module):
 
     ``M``: latent channels (at most 192); ``N``: width of the analysis refinement;
     ``widths``: widths of the synthesis refinement's first two stages; ``step``:
-    quantization step in KLT units (smaller is higher quality).
+    quantization step in KLT units (smaller is higher quality); ``int8``: decode the
+    refinement in int8 (``int8.py``; training and evaluation then see that quantization).
     """
 
     stride = BLOCK
+    #: the int8 synthesis's two activation ranges (a buffer; only in models built with ``int8``)
+    int8_act_max: Tensor
 
     def __init__(
-        self, M: int = 96, N: int = 64, widths: tuple[int, ...] | list[int] = (24, 16), step: float = 0.1
+        self,
+        M: int = 96,
+        N: int = 64,
+        widths: tuple[int, ...] | list[int] = (24, 16),
+        step: float = 0.1,
+        int8: bool = False,
     ) -> None:
         super().__init__()
         widths = tuple(int(w) for w in widths)
@@ -131,6 +140,11 @@ class KLTPS(FactorizedPrior, nn.Module):
         assert isinstance(last, _SubPixel)
         nn.init.zeros_(last.conv.weight)
         nn.init.zeros_(last.bias)
+        self.int8 = bool(int8)
+        if self.int8:
+            # Older models' configs and state dicts stay as they were: the key exists only when set.
+            self.config["int8"] = True
+            self.register_buffer("int8_act_max", torch.zeros(2))
 
     # -- initialisation ---------------------------------------------------
     @torch.no_grad()
@@ -148,14 +162,43 @@ class KLTPS(FactorizedPrior, nn.Module):
 
     # -- training ---------------------------------------------------------
     def synthesize(self, y_hat: Tensor) -> Tensor:
-        """Float synthesis used in training: latents -> image in [0, 1] (unclamped)."""
+        """Float synthesis used in training: latents -> image in [0, 1] (unclamped).
+
+        An ``int8`` model, once calibrated, sees its decoder's quantization here (rounded
+        inputs, int8 weights per channel, uint8 activations; straight-through gradients).
+        """
         u = y_hat * self.step
-        r = u
+        quant = self._int8_ready()
+        r = _fake_quant(y_hat, 2.0**-LATENT_FRAC_BITS) * self.step if quant else u
         for i, stage in enumerate(self.g_s):
-            r = stage(r)
+            assert isinstance(stage, _SubPixel)
+            if quant:
+                w = stage.conv.weight
+                s_w = (w.detach().abs().amax(dim=(1, 2, 3), keepdim=True) / 127.0).clamp(min=1e-12)
+                r = F.pixel_shuffle(F.conv2d(r, _fake_quant(w, s_w), stage.bias, padding=1), 2)
+            else:
+                r = stage(r)
             if i < len(self.g_s) - 1:
                 r = F.relu(r)
+                if quant:
+                    a_max = self.int8_act_max[i]
+                    r = _fake_quant(torch.minimum(r, a_max), a_max / 255.0)
         return F.pixel_shuffle(self.inverse(u), BLOCK) + r
+
+    def _int8_ready(self) -> bool:
+        return self.int8 and bool((self.int8_act_max > 0).all())
+
+    @torch.no_grad()
+    def calibrate_int8_(self, y_hat: Tensor) -> None:
+        """Set the int8 activation ranges to the largest ReLU outputs of the float synthesis on ``y_hat``."""
+        if not self.int8:
+            raise ValueError("calibrate_int8_ needs a model built with int8 = true")
+        r = y_hat * self.step
+        top = []
+        for stage in [s for s in self.g_s if isinstance(s, _SubPixel)][:-1]:
+            r = F.relu(stage(r))
+            top.append(float(r.max()))
+        self.int8_act_max.copy_(torch.tensor(top))
 
     def forward(self, x: Tensor) -> dict[str, Any]:
         """Training pass: noisy latents, reconstruction and likelihoods."""
@@ -165,8 +208,8 @@ class KLTPS(FactorizedPrior, nn.Module):
         # gradient), as decoding will: at these rates most channels round to their median,
         # which noise would not show (Minnen & Singh 2020, "mixed" quantization).
         medians = self.entropy_bottleneck._get_medians().detach()
-        y_round = torch.round(y - medians) + medians
-        return {"x_hat": self.synthesize(y + (y_round - y).detach()), "likelihoods": likelihoods}
+        y_hat = y + (torch.round(y - medians) + medians - y).detach()
+        return {"x_hat": self.synthesize(y_hat), "likelihoods": likelihoods, "y_hat": y_hat}
 
     # -- exact inference --------------------------------------------------
     def _grid_layers(self) -> list[tuple[Tensor, Tensor]]:
@@ -197,6 +240,10 @@ class KLTPS(FactorizedPrior, nn.Module):
     def snap_synthesis_(self) -> None:
         """Put every exactly decoded convolution's weights on its grid, in place (export)."""
         self._check_ranges()
+        if self.int8:
+            from .int8 import int8_layers
+
+            int8_layers(self)  # refuses an uncalibrated model or a layer that would not be exact
         for conv, scale in self._exact_convs():
             w, b = exact_weights(conv, scale)
             conv.weight.copy_((w / scale).float())
@@ -204,6 +251,10 @@ class KLTPS(FactorizedPrior, nn.Module):
 
     def exact_synthesizer(self, device: torch.device) -> Callable[[Tensor], Tensor]:
         """Order-independent synthesis: float64 latents ``B x M x h x w`` -> uint8 ``B x 3 x 8h x 8w``."""
+        if self.int8:
+            from .int8 import synthesizer
+
+            return synthesizer(self, device)
         layers = [(w.to(device), b.to(device)) for w, b in self._grid_layers()]
         # The inverse's 8x shuffle, re-ordered so that a 4x shuffle lands it in the layout of the
         # last stage before its 2x shuffle: the sum, rounding and uint8 conversion then happen
@@ -234,6 +285,11 @@ class KLTPS(FactorizedPrior, nn.Module):
             return F.pixel_shuffle(out, 2)
 
         return run
+
+
+def _fake_quant(x: Tensor, unit: Tensor | float) -> Tensor:
+    """``x`` rounded to multiples of ``unit``, with a straight-through gradient."""
+    return x + (torch.round(x / unit) * unit - x).detach()
 
 
 def exact_weights(conv: nn.Conv2d, scale: float = 1.0) -> tuple[Tensor, Tensor]:
@@ -332,8 +388,9 @@ class KLTHyper(KLTPS):
         widths: tuple[int, ...] | list[int] = (24, 16),
         step: float = 0.1,
         H: int = 64,
+        int8: bool = False,
     ) -> None:
-        super().__init__(M=M, N=N, widths=widths, step=step)
+        super().__init__(M=M, N=N, widths=widths, step=step, int8=int8)
         del self.entropy_bottleneck  # the latent is coded by the Gaussian conditional instead
         if 9 * H > _MAX_TERMS:
             raise ValueError("too many side channels for exact float64 synthesis")
@@ -392,7 +449,7 @@ class KLTHyper(KLTPS):
         _, y_lik = self.gaussian_conditional(y, torch.exp(log_scales.clamp(lo, hi)), means)
         frozen = self.training and not self.inverse.weight.requires_grad
         x_hat = None if frozen else self.synthesize(y_hat)
-        return {"x_hat": x_hat, "likelihoods": torch.cat([y_lik.flatten(), z_lik.flatten()])}
+        return {"x_hat": x_hat, "likelihoods": torch.cat([y_lik.flatten(), z_lik.flatten()]), "y_hat": y_hat}
 
     def aux_loss(self) -> Tensor:
         """The side latent's quantile loss."""

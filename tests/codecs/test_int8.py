@@ -1,0 +1,131 @@
+"""The integer synthesis (int8 = true): exact on every path, close to what training sees, guarded."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from ..conftest import PATCHES
+
+torch = pytest.importorskip("torch")
+
+from tileserver.codecs.models import build, load_state  # noqa: E402
+from tileserver.codecs.models.int8 import int8_layers, reference  # noqa: E402
+from tileserver.codecs.models.klt import KLTPS, fit_klt, image_blocks  # noqa: E402
+
+pytestmark = pytest.mark.shared_data
+
+PATCH = PATCHES / "tissue" / "TissueImageAnalytics+tiatoolbox__target_image.png"
+ARGS = {"M": 24, "N": 8, "widths": [12, 8], "step": 0.08}
+
+
+@pytest.fixture(scope="module")
+def crops() -> np.ndarray:
+    img = np.asarray(Image.open(PATCH).convert("RGB"))
+    return np.stack([img[y : y + 64, x : x + 64] for y in (0, 128, 256) for x in (0, 192, 320)])
+
+
+def _x(crops: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(crops).permute(0, 3, 1, 2).float() / 255.0
+
+
+@pytest.fixture(scope="module")
+def model(crops: np.ndarray) -> KLTPS:
+    """A KLT-started int8 model with a random (non-zero) refinement, calibrated on the crops."""
+    torch.manual_seed(0)
+    m = build("klt-ps8", **ARGS, int8=True)
+    assert isinstance(m, KLTPS)
+    mean, basis, _ = fit_klt(image_blocks(crops))
+    m.init_klt(mean, basis)
+    with torch.no_grad():
+        for stage in m.g_s:
+            torch.nn.init.normal_(stage.conv.weight, std=0.05)
+            torch.nn.init.normal_(stage.bias, std=0.02)
+        m.calibrate_int8_(torch.round(m.g_a(_x(crops))))
+    m.eval()
+    return m
+
+
+def _latents(model: KLTPS, crops: np.ndarray) -> torch.Tensor:
+    with torch.no_grad():
+        y = model.g_a(_x(crops)).double()
+    # Latents as the context coder produces them: integers plus means on the 2**-10 grid.
+    return torch.round(y) + torch.round(torch.rand_like(y) * 1024) / 1024
+
+
+def test_cpu_path_equals_the_reference_bit_for_bit(model: KLTPS, crops: np.ndarray) -> None:
+    y = _latents(model, crops)
+    fast = model.exact_synthesizer(torch.device("cpu"))(y)
+    assert fast.dtype == torch.uint8 and fast.shape == (len(crops), 3, 64, 64)
+    assert torch.equal(fast, reference(model, y))
+    assert len(torch.unique(fast)) > 50
+
+
+@pytest.mark.parametrize("size", [(1, 1), (1, 3), (5, 2), (3, 7)])
+def test_every_latent_size_and_the_clamps(model: KLTPS, size: tuple[int, int]) -> None:
+    # Odd sizes (edge tiles), and latents far outside the trained range (clamped to |y| < 250).
+    torch.manual_seed(sum(size))
+    y = torch.round(torch.randn(2, model.M, *size, dtype=torch.float64) * 200) / 8
+    y[0, 0, 0, 0] = 1e6
+    y[1, 1, 0, 0] = -1e6
+    fast = model.exact_synthesizer(torch.device("cpu"))(y)
+    assert fast.shape == (2, 3, 8 * size[0], 8 * size[1])
+    assert torch.equal(fast, reference(model, y))
+
+
+def test_pixels_do_not_depend_on_the_batch(model: KLTPS, crops: np.ndarray) -> None:
+    y = _latents(model, crops)
+    run = model.exact_synthesizer(torch.device("cpu"))
+    together = run(y)
+    alone = torch.cat([run(y[i : i + 1]) for i in range(len(y))])
+    reordered = run(y.flip(0)).flip(0)
+    assert torch.equal(together, alone) and torch.equal(together, reordered)
+
+
+def test_training_sees_the_decoders_quantization(model: KLTPS, crops: np.ndarray) -> None:
+    y = _latents(model, crops)
+    decoded = model.exact_synthesizer(torch.device("cpu"))(y).double()
+    with torch.no_grad():
+        seen = torch.round(model.synthesize(y.float()).clamp(0, 1) * 255.0).double()
+        model.int8 = False
+        try:
+            float_only = torch.round(model.synthesize(y.float()).clamp(0, 1) * 255.0).double()
+        finally:
+            model.int8 = True
+    # Rounding of the activations moves pixels: the fake-quantized forward must follow the decoder
+    # much more closely than the plain float forward does.
+    err_seen = float((decoded - seen).abs().mean())
+    err_float = float((decoded - float_only).abs().mean())
+    assert float((decoded - seen).abs().max()) <= 1.0
+    assert err_seen < 0.7 * err_float, (err_seen, err_float)
+
+
+def test_uncalibrated_models_refuse_to_decode_or_export() -> None:
+    m = build("klt-ps8", **ARGS, int8=True)
+    assert isinstance(m, KLTPS)
+    with pytest.raises(ValueError, match="not calibrated"):
+        m.exact_synthesizer(torch.device("cpu"))
+    with pytest.raises(ValueError, match="not calibrated"):
+        m.snap_synthesis_()
+
+
+def test_a_layer_that_could_overflow_is_refused(model: KLTPS) -> None:
+    m = build("klt-ps8", **ARGS, int8=True)
+    assert isinstance(m, KLTPS)
+    m.load_state_dict(model.state_dict())
+    int8_layers(m)
+    with torch.no_grad():
+        m.int8_act_max[0] = 1e-9  # layer 2's input unit becomes tiny: its multipliers explode
+    with pytest.raises(ValueError, match="layer"):
+        int8_layers(m)
+
+
+def test_older_models_keep_their_config_and_state() -> None:
+    old = build("klt-hp8", M=8, N=8, widths=[8, 8], step=0.1, H=8)
+    assert "int8" not in old.config and "int8_act_max" not in old.state_dict()
+    new = build("klt-hp8", M=8, N=8, widths=[8, 8], step=0.1, H=8, int8=True)
+    assert new.config["int8"] is True
+    # An int8 model starts from its float parent: only the activation ranges are new.
+    missing = load_state(new, old.state_dict(), missing_ok=("int8_",))
+    assert missing == ["int8_act_max"]

@@ -1,0 +1,320 @@
+"""Integer synthesis for the KLT coders: int8 x int8 -> int32 products, integer rounding, exact everywhere.
+
+The float64 exact synthesis (``klt.py``) spent 14 of a q3 tile's 24 ms of decoding
+in float64 convolutions, the slowest arithmetic a CPU has.  A model built with
+``int8 = true`` decodes with integers instead: every convolution is an int8 matrix
+product with int32 accumulation (``torch._int_mm``, which uses AMX or VNNI where
+the CPU has them), and numba kernels do each layer's rescaling, rounding, 2x pixel
+shuffle and padding in one pass over the data.
+
+What is quantized, and how (fixed by the weights and two calibrated activation
+ranges ``act_max`` stored with them, never by data seen at decode time):
+
+* the latent: rounded to multiples of ``2**-LATENT_FRAC_BITS`` as int16 (``|y| < 250``),
+  held as two int8 halves ``y = 256 hi + lo``, so each product with it is two int8
+  products combined exactly in int64;
+* the inverse KLT (the linear base image): int16 weights per output channel (scale
+  ``max|w| / 32639``), likewise two int8 halves, so four int8 products in all;
+* the three refinement layers: int8 weights per output channel (scale ``max|w| / 127``);
+  the ReLU outputs of the first two are uint8 on ``[0, act_max]``, held as ``a - 128``
+  in int8 (padding with -128 is the float model's zero padding);
+* rescaling: each output is ``(acc + B) * m`` with integers ``B`` (the bias and the
+  ``-128`` offset folded in) and ``m`` (a multiplier over ``2**MULT_BITS``), rounded by
+  adding half and shifting right; the last layer's output is added to the base image
+  on the ``2**-PIXEL_BITS`` grid of a pixel level and rounded the same way.
+
+All of it is integer arithmetic whose worst case :func:`int8_layers` bounds when it
+builds the layers (it raises rather than let a sum overflow int32 or int64), so the
+pixels depend on nothing but the weights and the latent: not on batch, threads,
+summation order, CPU or GPU.  :func:`reference` is the same arithmetic in plain
+torch (any device); tests check the two agree bit for bit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numba
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .klt import KLTPS
+
+__all__ = [
+    "BASE_CLAMP",
+    "LATENT_FRAC_BITS",
+    "MULT_BITS",
+    "PIXEL_BITS",
+    "Int8Synthesis",
+    "int8_layers",
+    "reference",
+    "synthesizer",
+]
+
+#: the latent is rounded to multiples of 2**-LATENT_FRAC_BITS (int16, |y| < 250)
+LATENT_FRAC_BITS = 7
+#: layer multipliers are integers over 2**MULT_BITS
+MULT_BITS = 30
+#: the base image and the last layer are summed in units of 2**-PIXEL_BITS of a pixel level
+PIXEL_BITS = 36
+#: the base image is clamped to +-BASE_CLAMP (in [0, 1] pixel units) before the residual is added
+BASE_CLAMP = 32
+_LATENT_MAX = 32000  # |int16 latent|: its two int8 halves stay inside -127..127
+_W16_MAX = 32639  # |int16 weight| = 256 * 127 + 127: its halves stay inside -127..127
+_RESIDUAL_MAX = 16  # |last layer's residual| bound, in pixel units (see int8_layers)
+
+
+@dataclass(frozen=True)
+class Int8Synthesis:
+    """Everything the integer synthesis needs, derived once from a model.
+
+    ``base_w``: ``M x 384`` int8, the inverse KLT's int16 weights as (high | low) halves;
+    ``base_unit``, ``base_bias``: int64 per output channel, over ``2**PIXEL_BITS``, in 1/255 units;
+    ``w[l]``: ``9 C_in x C_out`` int8 in im2col order (kernel row, kernel column, channel);
+    ``bias[l]``: int64 in accumulator units; ``mult[l]``: int64 over ``2**MULT_BITS``.
+    """
+
+    base_w: Tensor
+    base_unit: Tensor
+    base_bias: Tensor
+    w: list[Tensor]
+    bias: list[Tensor]
+    mult: list[Tensor]
+
+
+def _halves(v: Tensor) -> tuple[Tensor, Tensor]:
+    """Integers ``|v| <= 32639`` (int64) as ``256 * hi + lo`` with ``hi, lo`` in -127..127."""
+    lo = torch.remainder(v + 128, 256) - 128
+    return torch.div(v - lo, 256, rounding_mode="floor"), lo
+
+
+def int8_layers(model: KLTPS) -> Int8Synthesis:
+    """``model``'s synthesis quantized as the module docstring says.
+
+    Raises ``ValueError`` for an uncalibrated model or one whose worst case could overflow
+    (export then refuses it).
+    """
+    from .klt import exact_weights
+
+    act_max = model.int8_act_max.detach().double()
+    if not bool((act_max > 0).all()):
+        raise ValueError("int8 synthesis is not calibrated (act_max is zero)")
+    (inverse, inv_scale), *refine = model._exact_convs()[:4]
+    pixel = 2.0**PIXEL_BITS * 255.0  # one [0, 1] pixel unit on the summing grid
+
+    # Inverse KLT: int16 weights per output channel.
+    w, b = exact_weights(inverse, inv_scale)
+    w = w.reshape(w.shape[0], -1)  # 192 x M
+    s = w.abs().amax(dim=1) / _W16_MAX
+    s = torch.where(s > 0, s, torch.ones_like(s))
+    hi, lo = _halves(torch.round(w / s[:, None]).long())
+    base_w = torch.cat([hi, lo]).T.to(torch.int8).contiguous()  # M x 384
+    base_unit = torch.round(s * 2.0**-LATENT_FRAC_BITS * pixel).long()
+    base_bias = torch.round(b * pixel).long()
+    # |sum over the latent of y * w| <= M * 32000 * 32639 < 2**37.
+    if float(base_unit.abs().max()) * w.shape[1] * _LATENT_MAX * _W16_MAX >= 2.0**62:
+        raise ValueError("int8 synthesis: the base image could overflow int64")
+
+    ws, biases, mults = [], [], []
+    in_unit, in_max, offset = 2.0**-LATENT_FRAC_BITS, float(_LATENT_MAX), 0
+    for i, (conv, scale) in enumerate(refine):
+        w, b = exact_weights(conv, scale)
+        s = w.abs().amax(dim=(1, 2, 3)) / 127.0
+        s = torch.where(s > 0, s, torch.ones_like(s))
+        wq = torch.round(w / s[:, None, None, None])
+        unit = s * in_unit  # the real value of one accumulator step, per output channel
+        bias = torch.round(b / unit) + offset * wq.sum(dim=(1, 2, 3))
+        last = i == len(refine) - 1
+        out_unit = 1.0 / 255.0 if last else float(act_max[i]) / 255.0
+        mult = torch.round(unit / out_unit * 2.0**MULT_BITS)
+        if bool((mult <= 0).any()):
+            raise ValueError(f"int8 synthesis layer {i + 1}: a multiplier underflows 2**-{MULT_BITS}")
+        acc_max = wq.abs().sum(dim=(1, 2, 3)) * in_max + bias.abs()  # |acc + B| over any input
+        # One int8 product per int32 sum (layer 1: per half); (acc + B) * m in int64.
+        if float(wq.abs().sum(dim=(1, 2, 3)).max()) * 128 >= 2.0**31 or float((acc_max * mult).max()) >= 2.0**62:
+            raise ValueError(f"int8 synthesis layer {i + 1}: a sum could overflow")
+        if last and float((acc_max * mult).max()) * 2.0**-MULT_BITS >= _RESIDUAL_MAX * 255:
+            raise ValueError(f"int8 synthesis layer {i + 1}: the residual could exceed {_RESIDUAL_MAX} pixel units")
+        ws.append(wq.permute(2, 3, 1, 0).reshape(-1, wq.shape[0]).to(torch.int8).contiguous())
+        biases.append(bias.long())
+        mults.append(mult.long())
+        in_unit, in_max, offset = float(act_max[i]) / 255.0 if not last else 0.0, 255.0, 128
+    return Int8Synthesis(base_w, base_unit, base_bias, ws, biases, mults)
+
+
+def _latent_int(y_hat: Tensor) -> Tensor:
+    """The latent on its int16 grid (int64)."""
+    y = torch.round(y_hat.double() * 2.0**LATENT_FRAC_BITS)
+    return y.clamp_(-_LATENT_MAX, _LATENT_MAX).long()
+
+
+def _rescale(v: Tensor, mult: Tensor, bits: int) -> Tensor:
+    """``round(v * mult / 2**bits)``, halves up, in integers."""
+    return torch.bitwise_right_shift(v * mult + (1 << (bits - 1)), bits)
+
+
+# -- the reference: plain torch, any device -------------------------------------------------------
+
+
+def _im2col_ref(x: Tensor, fill: int) -> Tensor:
+    """``N x H x W x C`` -> ``(N*H*W) x (9*C)`` rows of 3x3 neighbourhoods, padded with ``fill``."""
+    _, h, w, c = x.shape
+    xp = F.pad(x.permute(0, 3, 1, 2), (1, 1, 1, 1), value=fill).permute(0, 2, 3, 1)
+    return torch.cat([xp[:, a : a + h, b : b + w] for a in range(3) for b in range(3)], dim=3).reshape(-1, 9 * c)
+
+
+def _shuffle_ref(x: Tensor, r: int) -> Tensor:
+    """Pixel shuffle by ``r`` in ``N x H x W x (C*r*r)`` layout (channel ``c * r * r + r * i + j``)."""
+    n, h, w, cr = x.shape
+    c = cr // (r * r)
+    return x.reshape(n, h, w, c, r, r).permute(0, 1, 4, 2, 5, 3).reshape(n, r * h, r * w, c)
+
+
+def _matmul_ref(a: Tensor, b: Tensor) -> Tensor:
+    # Products of int8 values summed in float64 are exact below 2**53: any device, any order.
+    return (a.double() @ b.double()).long()
+
+
+def reference(model: KLTPS, y_hat: Tensor) -> Tensor:
+    """The integer synthesis in plain torch: float64 ``B x M x h x w`` latents -> uint8 ``B x 3 x 8h x 8w``."""
+    from .klt import BLOCK
+
+    dev = y_hat.device
+    q = int8_layers(model)
+    yq = _latent_int(y_hat).permute(0, 2, 3, 1)  # N x h x w x M
+    n, h, w, m = yq.shape
+    w16 = q.base_w[:, :192].long() * 256 + q.base_w[:, 192:].long()  # M x 192
+    base = _matmul_ref(yq.reshape(-1, m), w16.to(dev)) * q.base_unit.to(dev) + q.base_bias.to(dev)
+    limit = BASE_CLAMP * 255 << PIXEL_BITS
+    base = _shuffle_ref(base.clamp_(-limit, limit).reshape(n, h, w, -1), BLOCK)  # N x 8h x 8w x 3
+    x, fill = yq, 0
+    for i, (wl, bl, ml) in enumerate(zip(q.w, q.bias, q.mult, strict=True)):
+        acc = _matmul_ref(_im2col_ref(x, fill), wl.to(dev)) + bl.to(dev)
+        if i < len(q.w) - 1:
+            a = _rescale(acc, ml.to(dev), MULT_BITS).clamp_(0, 255) - 128
+            x, fill = _shuffle_ref(a.reshape(*x.shape[:3], -1), 2), -128
+        else:
+            res = (acc * ml.to(dev)) << (PIXEL_BITS - MULT_BITS)
+            res = _shuffle_ref(res.reshape(*x.shape[:3], -1), 2)
+    out = torch.bitwise_right_shift(base + res + (1 << (PIXEL_BITS - 1)), PIXEL_BITS).clamp_(0, 255)
+    return out.to(torch.uint8).permute(0, 3, 1, 2)
+
+
+# -- the CPU path: int8 GEMMs and fused numba kernels ---------------------------------------------
+
+
+@numba.njit(cache=False, nogil=True)
+def _latent_planes(y: Any, planes: Any) -> None:  # pragma: no cover - compiled
+    """float64 ``N x M x h x w`` latents -> ``planes[0]`` (high) and ``planes[1]`` (low) int8 halves
+    of the int16 latent, ``N x h+2 x w+2 x M`` each with a zero border (as :func:`_latent_int`)."""
+    n, m, h, w = y.shape
+    scale = float(1 << LATENT_FRAC_BITS)
+    for b in range(n):
+        for c in range(m):
+            for i in range(h):
+                for j in range(w):
+                    v = int(min(max(np.rint(y[b, c, i, j] * scale), -_LATENT_MAX), _LATENT_MAX))
+                    lo = ((v + 128) & 255) - 128
+                    planes[0, b, i + 1, j + 1, c] = (v - lo) >> 8
+                    planes[1, b, i + 1, j + 1, c] = lo
+
+
+@numba.njit(cache=False, nogil=True)
+def _requant(  # pragma: no cover - compiled
+    acc: Any, halves: bool, bias: Any, mult: Any, n: int, h: int, w: int, out: Any
+) -> None:
+    """``clamp(round((acc + B) * m), 0, 255) - 128``, 2x-shuffled into the interior of padded ``out``.
+
+    With ``halves`` the accumulator is ``256 * acc[:R] + acc[R:]`` (the latent's two halves)."""
+    rows = n * h * w
+    c = acc.shape[1] // 4
+    half = np.int64(1) << (MULT_BITS - 1)
+    for b in range(n):
+        for i in range(h):
+            for s in range(2):
+                for j in range(w):
+                    r = (b * h + i) * w + j
+                    for t in range(2):
+                        dst = out[b, 1 + 2 * i + s, 1 + 2 * j + t]
+                        for ch in range(c):
+                            k = ch * 4 + s * 2 + t
+                            v = np.int64(acc[r, k])
+                            if halves:
+                                v = v * 256 + acc[rows + r, k]
+                            v = ((v + bias[k]) * mult[k] + half) >> MULT_BITS
+                            dst[ch] = min(max(v, 0), 255) - 128
+
+
+@numba.njit(cache=False, nogil=True)
+def _final(
+    acc: Any, bias: Any, mult: Any, base: Any, unit: Any, base_bias: Any, n: int, lh: int, lw: int, out: Any
+) -> None:  # pragma: no cover - compiled
+    """Pixels: base image plus the last layer, rounded from the ``2**-PIXEL_BITS`` grid, ``N x 8lh x 8lw x 3``.
+
+    ``acc``: the last layer's ``(N * 4lh * 4lw) x 12`` accumulators; ``base``: the inverse KLT's
+    ``2Q x 384`` products of the latent halves (``Q = N * lh * lw`` positions; high/low latent
+    half x high/low weight half), channel ``c * 64 + row * 8 + column`` of an 8x8 block.
+    """
+    q_rows = n * lh * lw
+    limit = np.int64(BASE_CLAMP * 255) << PIXEL_BITS
+    half = np.int64(1) << (PIXEL_BITS - 1)
+    for b in range(n):
+        for y in range(8 * lh):
+            for x in range(8 * lw):
+                r = (b * 4 * lh + (y >> 1)) * 4 * lw + (x >> 1)
+                q = (b * lh + (y >> 3)) * lw + (x >> 3)
+                for ch in range(3):
+                    k = ch * 4 + (y & 1) * 2 + (x & 1)
+                    res = ((np.int64(acc[r, k]) + bias[k]) * mult[k]) << (PIXEL_BITS - MULT_BITS)
+                    kb = ch * 64 + (y & 7) * 8 + (x & 7)
+                    p = np.int64(base[q, kb]) * 65536 + (np.int64(base[q, 192 + kb]) + base[q_rows + q, kb]) * 256
+                    p += base[q_rows + q, 192 + kb]
+                    v = min(max(p * unit[kb] + base_bias[kb], -limit), limit)
+                    out[b, y, x, ch] = min(max((v + res + half) >> PIXEL_BITS, 0), 255)
+
+
+def _conv(xp: Any, w: Tensor) -> Any:
+    """3x3 convolution of padded int8 ``xp`` with im2col weights ``w``: int32 ``(N*H*W) x C_out``."""
+    x = torch.from_numpy(xp)
+    n, hp, wp, c = x.shape
+    # Row (b, i, j) of im2col is three runs of 3C contiguous bytes, one per kernel row: one
+    # strided view of the padded input, copied once (several times faster than a loop here).
+    window = torch.as_strided(x, (n, hp - 2, wp - 2, 3, 3 * c), (hp * wp * c, wp * c, c, wp * c, 1))
+    cols = window.reshape(-1, 9 * c)  # the copy
+    return torch._int_mm(cols, w).numpy()
+
+
+def synthesizer(model: KLTPS, device: torch.device) -> Callable[[Tensor], Tensor]:
+    """The integer synthesis as ``exact_synthesizer`` returns it: float64 ``B x M x h x w`` -> uint8
+    ``B x 3 x 8h x 8w``.  CPU: int8 GEMMs and numba kernels; other devices: :func:`reference`."""
+    if device.type != "cpu":
+        return lambda y_hat: reference(model, y_hat)
+    q = int8_layers(model)
+    base_unit, base_bias = q.base_unit.numpy(), q.base_bias.numpy()
+    (w1, w2, w3), (b1, b2, b3), (m1, m2, m3) = q.w, [b.numpy() for b in q.bias], [m.numpy() for m in q.mult]
+
+    def run(y_hat: Tensor) -> Tensor:
+        y = np.ascontiguousarray(y_hat.detach().cpu().double().numpy())
+        n, m, h, w = y.shape
+        planes = np.zeros((2, n, h + 2, w + 2, m), np.int8)
+        _latent_planes(y, planes)
+        rows = np.ascontiguousarray(planes[:, :, 1:-1, 1:-1]).reshape(-1, m)  # unpadded: a faster shape
+        base = torch._int_mm(torch.from_numpy(rows), q.base_w).numpy()
+        acc = _conv(planes.reshape(2 * n, h + 2, w + 2, m), w1)
+        x1 = np.full((n, 2 * h + 2, 2 * w + 2, acc.shape[1] // 4), -128, np.int8)
+        _requant(acc, True, b1, m1, n, h, w, x1)
+        acc = _conv(x1, w2)
+        x2 = np.full((n, 4 * h + 2, 4 * w + 2, acc.shape[1] // 4), -128, np.int8)
+        _requant(acc, False, b2, m2, n, 2 * h, 2 * w, x2)
+        acc = _conv(x2, w3)
+        out = np.empty((n, 8 * h, 8 * w, 3), np.uint8)
+        _final(acc, b3, m3, base, base_unit, base_bias, n, h, w, out)
+        return torch.from_numpy(out).permute(0, 3, 1, 2)
+
+    run(torch.zeros(1, model.M, 2, 2, dtype=torch.float64))  # compile the kernels now, not in a request
+    return run
