@@ -312,20 +312,14 @@ def _init_pca(cfg: TrainConfig, model: Any, images: list[npt.NDArray[np.uint8]],
 
 
 def _calibrate_int8(cfg: TrainConfig, model: Any, images: list[npt.NDArray[np.uint8]], device: str) -> None:
-    """Fix an ``int8`` model's activation ranges: the float synthesis's largest ReLU outputs on
+    """Fix an int8 model's activation ranges: the largest values its float layers produce on
     32 training crops of 256² (seeded), latents rounded as coding rounds them."""
     import torch
 
     crops = CropSampler(images, 256, cfg.seed + 2).batch(32)
-    was_training = model.training
-    model.eval()
-    with torch.no_grad():
-        x = torch.from_numpy(crops).to(device).permute(0, 3, 1, 2).float() / 255.0
-        y_hat = torch.cat([model(x[i : i + 4])["y_hat"] for i in range(0, len(x), 4)])
-        model.calibrate_int8_(y_hat)
-    model.train(was_training)
-    ranges = ", ".join(f"{v:.4f}" for v in model.int8_act_max.tolist())
-    _log(cfg, f"calibrated the int8 synthesis on {len(crops)} crops: activation ranges {ranges}")
+    model.calibrate_int8_(torch.from_numpy(crops).to(device).permute(0, 3, 1, 2).float() / 255.0)
+    ranges = "; ".join(", ".join(f"{v:.4f}" for v in buf.tolist()) for buf, _ in model._int8_ranges())
+    _log(cfg, f"calibrated the int8 layers on {len(crops)} crops: activation ranges {ranges}")
 
 
 def _lr_at(cfg: TrainConfig, step: int) -> float:
@@ -384,7 +378,7 @@ def train(cfg: TrainConfig, *, data_dir: Path, until: dt.datetime | None, thread
             "train_minutes": round((float(ck.get("wall", 0.0)) / 60 + float(prior.get("train_minutes", 0.0))), 1),
         }
         _log(cfg, f"initialised {cfg.name} from {base.name} step {ck['step']} ({len(fresh)} new tensors)")
-    if isinstance(model, KLTPS) and model.int8 and not model._int8_ready():
+    if isinstance(model, KLTPS) and model._int8_ranges() and not model._int8_ready():
         _calibrate_int8(cfg, model, images, device)
     tiles = eval_tiles(cfg, data_dir)
     _log(

@@ -193,3 +193,34 @@ def test_numpy_and_torch_index_and_grid_arithmetic_agree() -> None:
     got = grid_residual(y, mu)
     assert np.array_equal(got, grid_residual(torch.from_numpy(y), torch.from_numpy(mu)).numpy())
     assert np.all(np.abs(got) < 1024)
+
+
+def test_compiled_book_keeping_equals_the_numpy_arithmetic() -> None:
+    # The coder's per-pass kernels must compute exactly what scale_indexes and grid_residual
+    # compute (encoder and decoder both use them, but older streams were coded with numpy).
+    from tileserver.codecs.models.context import grid_residual, pass_gaussians, pass_update
+    from tileserver.codecs.models.klt import SCALE_LOG_MIN, SCALE_LOG_STEP, scale_indexes
+
+    rng = np.random.default_rng(1)
+    m, p, lo, c = 6, 40, 2, 3
+    means = np.round(rng.normal(0, 5, (m, p)) * 2**10) / 2**10
+    logs = rng.uniform(-6, 9, (m, p))
+    logs[lo, :10] = SCALE_LOG_MIN + SCALE_LOG_STEP * np.arange(-2, 8)  # exactly on table entries
+    d_mean = np.round(rng.normal(0, 1, (c, p)) * 2**10) / 2**10
+    d_log = rng.normal(0, 0.5, (c, p))
+    d_log[0, :10] = 0.0
+    pos = np.flatnonzero(rng.random(p) < 0.5)
+    mu, indexes = np.empty((c, len(pos))), np.empty((c, len(pos)), dtype=np.int32)
+    pass_gaussians(means, logs, d_mean, d_log, lo, pos, mu, indexes)
+    assert np.array_equal(mu, means[lo : lo + c, pos] + d_mean[:, pos])
+    assert np.array_equal(indexes, scale_indexes(logs[lo : lo + c, pos] + d_log[:, pos]))
+    symbols = rng.integers(-40, 40, (c, len(pos))).astype(np.int32)
+    mu[0, :4] = means[lo, pos[:4]] + 0.5 / 2**10  # residuals exactly half-way between grid points
+    y_hat, residual = np.full((m, p), np.nan), np.zeros((m, p))
+    pass_update(symbols.reshape(-1), mu, means, lo, pos, y_hat, residual)
+    yk = symbols + mu
+    assert np.array_equal(y_hat[lo : lo + c, pos], yk)
+    assert np.array_equal(residual[lo : lo + c, pos], grid_residual(yk, means[lo : lo + c, pos]))
+    untouched = np.ones((m, p), dtype=bool)
+    untouched[lo : lo + c, pos] = False
+    assert np.isnan(y_hat[untouched]).all() and not residual[untouched].any()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -42,7 +44,7 @@ def model(crops: np.ndarray) -> KLTPS:
         for stage in m.g_s:
             torch.nn.init.normal_(stage.conv.weight, std=0.05)
             torch.nn.init.normal_(stage.bias, std=0.02)
-        m.calibrate_int8_(torch.round(m.g_a(_x(crops))))
+        m.calibrate_int8_(_x(crops))
     m.eval()
     return m
 
@@ -129,3 +131,80 @@ def test_older_models_keep_their_config_and_state() -> None:
     # An int8 model starts from its float parent: only the activation ranges are new.
     missing = load_state(new, old.state_dict(), missing_ok=("int8_",))
     assert missing == ["int8_act_max"]
+
+
+# -- the integer entropy model (int8_entropy = true): hyper-synthesis and context ------------------
+
+CTX = {"M": 24, "N": 8, "widths": [8, 8], "step": 0.08, "H": 8, "slices": [3, 9], "checkerboard": 2, "ctx_width": 8}
+
+
+@pytest.fixture(scope="module")
+def image() -> np.ndarray:
+    return np.asarray(Image.open(PATCH).convert("RGB"))
+
+
+def _q8_context(image: np.ndarray) -> torch.nn.Module:
+    """A KLT-started klt-cx8 decoded in integers throughout, with random (non-zero) entropy layers."""
+    torch.manual_seed(3)
+    model = build("klt-cx8", **CTX, int8=True, int8_entropy=True)
+    crops = np.stack([image[y : y + 64, x : x + 64] for y in (0, 128, 256) for x in (0, 192, 320)])
+    mean, basis, _ = fit_klt(image_blocks(crops))
+    model.init_klt(mean, basis)
+    with torch.no_grad():
+        model.init_prior(model.g_a(_x(crops)))
+        torch.nn.init.normal_(model.h_s2.weight, std=0.02)
+        for conv in model.ctx_out:
+            torch.nn.init.normal_(conv.weight, std=0.05)
+            torch.nn.init.normal_(conv.bias, std=0.05)
+    model.calibrate_int8_(_x(np.stack([image[y : y + 128, x : x + 128] for y in (0, 256) for x in (0, 256)])))
+    model.eval()
+    return model
+
+
+def test_entropy_layers_equal_their_reference(image: np.ndarray) -> None:
+    from tileserver.codecs.models import int8 as q8
+
+    model = _q8_context(image)
+    assert model._int8_ready() and bool((model.int8_ctx_max > 0).all())
+    torch.manual_seed(4)
+    z = torch.round(torch.randn(2, model.H, 3, 5, dtype=torch.float64) * 400) / 64  # some beyond the clamp
+    hyper = model.exact_hyper_params(torch.device("cpu"))
+    means, logs = hyper(z)
+    orig = q8.small_conv
+    q8.small_conv = q8.small_conv_reference  # type: ignore[assignment]
+    try:
+        ref_means, ref_logs = model.exact_hyper_params(torch.device("cpu"))(z)
+        ctx_ref = model.exact_context(torch.device("cpu"))
+    finally:
+        q8.small_conv = orig  # type: ignore[assignment]
+    assert torch.equal(means, ref_means) and torch.equal(logs, ref_logs)
+    assert means.shape == (2, model.M, 12, 20) and len(torch.unique(means)) > 50
+    ctx = model.exact_context(torch.device("cpu"))
+    for k, lo, hi, where in model.passes():
+        prev = torch.round(torch.randn(2, lo, 6, 7, dtype=torch.float64) * 3000) / 1024
+        own = (
+            None
+            if where is not False
+            else torch.round(torch.randn(2, hi - lo, 6, 7, dtype=torch.float64) * 3000) / 1024
+        )
+        got, want = ctx(k, prev, own), ctx_ref(k, prev, own)
+        assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
+        assert got[0].shape == (2, hi - lo, 6, 7)
+
+
+def test_integer_entropy_model_codes_what_training_estimates(image: np.ndarray, tmp_path: Path) -> None:
+    from tileserver.codecs.neural import NeuralCodec, save_weights
+
+    model = _q8_context(image)
+    save_weights(model, name="q8", quality=1, weights_dir=tmp_path)
+    codec = NeuralCodec(1, weights_dir=tmp_path)
+    tile = np.ascontiguousarray(image[:256, :192])
+    with torch.no_grad():
+        estimate = float(-torch.log2(model(_x(tile[None]))["likelihoods"]).sum()) / 8
+    blob = codec.encode(tile)
+    assert abs(len(blob) - estimate) < 0.03 * estimate + 64
+    out = codec.decode(blob)
+    assert out.shape == tile.shape and np.abs(out.astype(int) - tile).mean() < 20
+    # A batch decodes to the same pixels as tiles one by one.
+    blobs = codec.encode_batch([tile, np.ascontiguousarray(image[256:512, 64:256])])
+    assert np.array_equal(codec.decode_batch(blobs)[0], out)

@@ -367,7 +367,7 @@ class _Context(_Hyperprior):
         got = self._positions.get((h, w))
         if got is None:
             anchors = anchor_mask(h, w).reshape(-1).numpy()
-            got = {True: np.flatnonzero(anchors), False: np.flatnonzero(~anchors), None: slice(None)}
+            got = {True: np.flatnonzero(anchors), False: np.flatnonzero(~anchors), None: np.arange(h * w)}
             self._positions[h, w] = got
         return got
 
@@ -375,17 +375,16 @@ class _Context(_Hyperprior):
         """Walk the passes; ``symbols_for(pass, indexes, means)`` returns each pass's int32 symbols.
 
         ``indexes`` (int32) and ``means`` (float64) are numpy arrays ``channels x positions``;
-        returns the decoded latent ``M x h x w`` (float64).  Book-keeping is numpy (several
-        times faster than torch indexing at this size), the arithmetic the same IEEE float64.
+        returns the decoded latent ``M x h x w`` (float64).  The per-symbol book-keeping is
+        compiled (``pass_gaussians``, ``pass_update``: the numpy arithmetic's exact twins).
         """
         import torch
 
-        from .models.context import grid_residual, hyper_mean_clamped
-        from .models.klt import scale_indexes
+        from .models.context import hyper_mean_clamped, pass_gaussians, pass_update
 
         means_t, log_scales_t = self.hyper_params(torch.from_numpy(z_hat)[None].to(self.device))
-        means = hyper_mean_clamped(means_t[0, :, :h, :w]).reshape(self.M, h * w).cpu().numpy()
-        log_scales = log_scales_t[0, :, :h, :w].reshape(self.M, h * w).cpu().numpy()
+        means = np.ascontiguousarray(hyper_mean_clamped(means_t[0, :, :h, :w]).reshape(self.M, h * w).cpu().numpy())
+        log_scales = np.ascontiguousarray(log_scales_t[0, :, :h, :w].reshape(self.M, h * w).cpu().numpy())
         positions = self.positions(h, w)
         y_hat = np.empty_like(means)
         residual = np.zeros((self.M, h * w))  # zero until decoded: what the context may read
@@ -394,14 +393,15 @@ class _Context(_Hyperprior):
             if where is False:
                 own = torch.from_numpy(residual[lo:hi]).reshape(1, hi - lo, h, w).to(self.device)
             prev = torch.from_numpy(residual[:lo]).reshape(1, lo, h, w).to(self.device)
-            d_mean, d_log = (t[0].reshape(hi - lo, h * w).cpu().numpy() for t in self.context(k, prev, own))
+            d_mean, d_log = (
+                np.ascontiguousarray(t[0].reshape(hi - lo, h * w).cpu().numpy()) for t in self.context(k, prev, own)
+            )
             pos = positions[where]
-            hyper_mu = means[lo:hi, pos]
-            mu = hyper_mu + d_mean[:, pos]
-            indexes = scale_indexes(log_scales[lo:hi, pos] + d_log[:, pos])
-            yk = symbols_for(n, indexes, mu).reshape(mu.shape) + mu
-            y_hat[lo:hi, pos] = yk
-            residual[lo:hi, pos] = grid_residual(yk, hyper_mu)
+            mu = np.empty((hi - lo, len(pos)))
+            indexes = np.empty((hi - lo, len(pos)), dtype=np.int32)
+            pass_gaussians(means, log_scales, d_mean, d_log, lo, pos, mu, indexes)
+            symbols = np.ascontiguousarray(symbols_for(n, indexes, mu), dtype=np.int32).reshape(-1)
+            pass_update(symbols, mu, means, lo, pos, y_hat, residual)
         return y_hat.reshape(self.M, h, w)
 
     def encode(self, encoder: Any, y: Any) -> bytes:
@@ -457,9 +457,15 @@ class _Model:
         else:
             self.coder = _Factorized(model.entropy_bottleneck, model.M)
         self.synthesize = model.exact_synthesizer(self.device)
+        # Compile the numba kernels now rather than in the first request.
+        from .models import context, int8
         from .rans import warm_up
 
         warm_up()
+        if isinstance(self.coder, _Context):
+            context.warm_up()
+        if getattr(model, "int8_entropy", False):
+            int8.warm_up()
 
 
 @register("neural")

@@ -32,13 +32,27 @@ import itertools
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import numba
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .factorized import _to_grid
-from .klt import _A_MAX, ACT_BITS, KLTHyper, _bias, _conv, _relu_grid_, exact_weights
+from .int8 import LATENT_FRAC_BITS
+from .klt import (
+    _A_MAX,
+    ACT_BITS,
+    SCALE_LEVELS,
+    SCALE_LOG_MIN,
+    SCALE_LOG_STEP,
+    KLTHyper,
+    _bias,
+    _conv,
+    _fake_quant,
+    _relu_grid_,
+    exact_weights,
+)
 
 __all__ = ["CORRECTION_MAX", "KLTContext", "anchor_mask", "grid_residual", "hyper_mean_clamped"]
 
@@ -66,6 +80,9 @@ class KLTContext(KLTHyper):
     ``ctx_width``: hidden width of each slice's context network.
     """
 
+    #: the int8 context networks' activation ranges, one per slice (a buffer; only with ``int8_entropy``)
+    int8_ctx_max: Tensor
+
     def __init__(
         self,
         M: int = 96,
@@ -77,8 +94,9 @@ class KLTContext(KLTHyper):
         checkerboard: int = 3,
         ctx_width: int = 16,
         int8: bool = False,
+        int8_entropy: bool = False,
     ) -> None:
-        super().__init__(M=M, N=N, widths=widths, step=step, H=H, int8=int8)
+        super().__init__(M=M, N=N, widths=widths, step=step, H=H, int8=int8, int8_entropy=int8_entropy)
         bounds = [0, *(int(s) for s in slices), self.M]
         if any(b >= c for b, c in itertools.pairwise(bounds)):
             raise ValueError(f"slices must rise strictly inside 1..{self.M - 1}, got {list(slices)}")
@@ -104,6 +122,8 @@ class KLTContext(KLTHyper):
             nn.init.zeros_(out.weight)
             nn.init.zeros_(_bias(out))
             self.ctx_out.append(out)
+        if self.int8_entropy:
+            self.register_buffer("int8_ctx_max", torch.zeros(n_slices))
 
     # -- the coding order -------------------------------------------------
     def passes(self) -> list[Pass]:
@@ -168,11 +188,27 @@ class KLTContext(KLTHyper):
     # -- training ---------------------------------------------------------
     def _float_conv(self, k: int, part: str, x: Tensor) -> Tensor:
         c_in, c_out = self._layers(k)
-        w, b, pad = self._split_layers(k, c_in.weight, _bias(c_in), c_out.weight, _bias(c_out))[part]
+        w_in, w_out = c_in.weight, c_out.weight
+        if self.int8_entropy and self._int8_ready():
+            # As the int8 decoder: int8 weights per output channel (the 3x3 layer's scale spans
+            # both of its parts), residual inputs on the latent grid.
+            w_in, w_out = (_fake_quant(w, _int8_scale(w)) for w in (w_in, w_out))
+            if part != "out":
+                x = _fake_quant(x, 2.0**-LATENT_FRAC_BITS)
+        w, b, pad = self._split_layers(k, w_in, _bias(c_in), w_out, _bias(c_out))[part]
         if w.shape[1] == 0:
             return _bias_only(b, x)
         out: Tensor = F.conv2d(x, w, b, padding=pad)
         return out
+
+    def _float_act(self, k: int) -> Callable[[Tensor], Tensor]:
+        if not self.int8_entropy:
+            return F.relu
+        return lambda t: self._act_q(F.relu(t), "int8_ctx_max", k)
+
+    def _int8_ranges(self) -> list[tuple[Tensor, list[int]]]:
+        ctx = [(self.int8_ctx_max, [k for k in range(len(self.ctx_in)) if self._has_context(k)])]
+        return super()._int8_ranges() + (ctx if self.int8_entropy else [])
 
     def latent_params(self, y: Tensor, means: Tensor, log_scales: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Training: (means, log-scales, rounded latent) of ``y`` pass by pass, as decoding sees them.
@@ -191,7 +227,7 @@ class KLTContext(KLTHyper):
             mu_k = ls_k = yh_k = None
             own = None
             for where in (True, False) if k < self.n_checkerboard else (None,):
-                d_mean, d_log = self._correction(k, prev, own, self._float_conv, F.relu)
+                d_mean, d_log = self._correction(k, prev, own, self._float_conv, self._float_act(k))
                 mu, ls = hm + d_mean, log_scales[:, lo:hi] + d_log
                 yh = yk + (torch.round(yk - mu) + mu - yk).detach()
                 if where is None:
@@ -223,6 +259,8 @@ class KLTContext(KLTHyper):
         ``prev`` and ``own`` as in :meth:`_correction`, on the activation grid (see
         :func:`grid_residual`).
         """
+        if self.int8_entropy:
+            return self._int8_context(device)
         parts = {}
         for k in range(len(self.ctx_in)):
             if self._has_context(k):
@@ -239,6 +277,56 @@ class KLTContext(KLTHyper):
             return self._correction(k, prev, own, conv, _relu_grid_)
 
         return run
+
+    def _int8_context(self, device: torch.device) -> Callable[[int, Tensor, Tensor | None], tuple[Tensor, Tensor]]:
+        """:meth:`exact_context` in integers (``int8.py``): residuals on the int16 latent grid,
+        int8 products, the hidden layer on uint8, corrections on the ``2**-VALUE_BITS`` grid.
+
+        The float path's split of the 3x3 layer by input becomes a choice of rows: the anchor
+        pass reads the earlier slices only, the other passes the earlier slices and this one's
+        anchors as one input."""
+        from . import int8 as q8
+
+        if not self._int8_ready():
+            raise ValueError("int8 context is not calibrated (act_max is zero)")
+        layers = {}
+        for k in range(len(self.ctx_in)):
+            if not self._has_context(k):
+                continue
+            unit = float(self.int8_ctx_max[k]) / 255.0
+            (w_in, b_in), (w_out, b_out) = map(exact_weights, self._layers(k))
+            first = q8.quantize_conv(
+                w_in, b_in, in_unit=2.0**-LATENT_FRAC_BITS, halves=True, out_unit=unit, name=f"ctx_in.{k}"
+            )
+            out = q8.quantize_conv(
+                w_out, b_out, in_unit=unit, halves=False, out_unit=2.0**-q8.VALUE_BITS, name=f"ctx_out.{k}"
+            )
+            # The anchor pass reads only the earlier slices: their rows of the 3x3 layer, with the
+            # same per-channel scale, bias and multiplier (any partial sum is exact).
+            prev_rows = first.w.reshape(3, 3, -1, first.w.shape[1])[:, :, : self.bounds[k]]
+            prev = q8.QConv(prev_rows.reshape(-1, first.w.shape[1]).contiguous(), first.bias, first.mult, 3, True)
+            layers[k] = tuple(
+                q8.QConv(x.w.to(device), x.bias.to(device), x.mult.to(device), x.kernel, x.halves)
+                for x in (prev, first, out)
+            )
+
+        def run(k: int, prev: Tensor, own: Tensor | None) -> tuple[Tensor, Tensor]:
+            c = self.bounds[k + 1] - self.bounds[k]
+            if k not in layers:
+                zero = prev.new_zeros(prev.shape[0], c, *prev.shape[2:])
+                return zero, zero
+            only_prev, both, out = layers[k]
+            x, first = (prev, only_prev) if own is None else (torch.cat([prev, own], dim=1), both)
+            conv = q8.small_conv if x.device.type == "cpu" else q8.small_conv_reference
+            d = conv(x, first, out, limit=CORRECTION_MAX)
+            return d[:, :c], d[:, c:]
+
+        return run
+
+
+def _int8_scale(w: Tensor) -> Tensor:
+    """Per-output-channel int8 scale of a weight (``max |w| / 127``), as ``int8.quantize_conv`` uses."""
+    return (w.detach().abs().amax(dim=(1, 2, 3), keepdim=True) / 127.0).clamp(min=1e-12)
 
 
 def _bias_only(b: Tensor | None, x: Tensor) -> Tensor:
@@ -261,3 +349,52 @@ def grid_residual(y_hat: Any, hyper_means: Any) -> Any:
 def hyper_mean_clamped(means: Tensor) -> Tensor:
     """The hyper means as the context adds to them (clamped so every sum is exact)."""
     return means.clamp(-CORRECTION_MAX, CORRECTION_MAX)
+
+
+# -- the coder's per-pass book-keeping, compiled ---------------------------------------------------
+# Numba twins of the numpy arithmetic above (``scale_indexes``, ``grid_residual``): the same IEEE
+# operations in the same order, so the same values (tested); one call per pass instead of ten
+# numpy operations on fancy-indexed copies.
+
+
+@numba.njit(cache=False, nogil=True)
+def pass_gaussians(
+    means: Any, log_scales: Any, d_mean: Any, d_log: Any, lo: int, pos: Any, mu: Any, indexes: Any
+) -> None:  # pragma: no cover - compiled
+    """Channels ``lo..lo+C`` at flat positions ``pos``: means (hyper mean + correction) into ``mu``
+    and scale indexes into ``indexes`` (``C x len(pos)``); ``means``, ``log_scales``: ``M x P``,
+    ``d_mean``, ``d_log``: ``C x P``."""
+    inv = 1.0 / SCALE_LOG_STEP
+    top = float(SCALE_LEVELS - 1)
+    for c in range(mu.shape[0]):
+        for t in range(mu.shape[1]):
+            p = pos[t]
+            mu[c, t] = means[lo + c, p] + d_mean[c, p]
+            v = np.ceil((log_scales[lo + c, p] + d_log[c, p] - SCALE_LOG_MIN) * inv)
+            indexes[c, t] = min(max(v, 0.0), top)
+
+
+@numba.njit(cache=False, nogil=True)
+def pass_update(
+    symbols: Any, mu: Any, means: Any, lo: int, pos: Any, y_hat: Any, residual: Any
+) -> None:  # pragma: no cover - compiled
+    """Record a pass's decoded latents (``symbols + mu``) in ``y_hat`` and their grid residuals
+    about the hyper means in ``residual`` (both ``M x P``); ``symbols``: flat int32, ``C x len(pos)``."""
+    scale = float(2**ACT_BITS)
+    n = mu.shape[1]
+    for c in range(mu.shape[0]):
+        for t in range(n):
+            p = pos[t]
+            yk = symbols[c * n + t] + mu[c, t]
+            y_hat[lo + c, p] = yk
+            r = np.rint((yk - means[lo + c, p]) * scale) / scale
+            residual[lo + c, p] = min(max(r, -_A_MAX), _A_MAX)
+
+
+def warm_up() -> None:
+    """Compile the book-keeping kernels now rather than in the first request."""
+    grid = np.zeros((1, 2))
+    pos = np.arange(2)
+    mu, indexes = np.empty((1, 2)), np.empty((1, 2), dtype=np.int32)
+    pass_gaussians(grid, grid, grid, grid, 0, pos, mu, indexes)
+    pass_update(np.zeros(2, dtype=np.int32), mu, grid, 0, pos, grid.copy(), grid.copy())

@@ -1,11 +1,16 @@
-"""Integer synthesis for the KLT coders: int8 x int8 -> int32 products, integer rounding, exact everywhere.
+"""Integer decoding for the KLT coders: int8 x int8 -> int32 products, integer rescaling, exact everywhere.
 
-The float64 exact synthesis (``klt.py``) spent 14 of a q3 tile's 24 ms of decoding
-in float64 convolutions, the slowest arithmetic a CPU has.  A model built with
-``int8 = true`` decodes with integers instead: every convolution is an int8 matrix
-product with int32 accumulation (``torch._int_mm``, which uses AMX or VNNI where
-the CPU has them), and numba kernels do each layer's rescaling, rounding, 2x pixel
-shuffle and padding in one pass over the data.
+The float64 exact decoder (``klt.py``, ``context.py``) spent 14 of a q3 tile's 24 ms of
+decoding in the synthesis and most of the rest in the hyper-synthesis and context
+networks: float64 is the slowest arithmetic a CPU has.  A model built with ``int8 = true``
+decodes its synthesis with integers instead, and with ``int8_entropy = true`` its
+hyper-synthesis and context networks too: every convolution is an int8 matrix product with
+int32 accumulation (``torch._int_mm``, which uses AMX or VNNI where the CPU has them), and
+numba kernels do each layer's rescaling, rounding, pixel shuffle and padding in one pass
+over the data.  The entropy model's layers (small: about 30 M multiply-adds per 256² tile
+against 190 M in the synthesis) use the same arithmetic through :func:`quantize_conv` and
+:func:`small_conv`; their outputs (means, log-scales, corrections) are integers over
+``2**VALUE_BITS``.  The description below is the synthesis's.
 
 What is quantized, and how (fixed by the weights and two calibrated activation
 ranges ``act_max`` stored with them, never by data seen at decode time):
@@ -32,6 +37,7 @@ torch (any device); tests check the two agree bit for bit.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -70,21 +76,34 @@ _RESIDUAL_MAX = 16  # |last layer's residual| bound, in pixel units (see int8_la
 
 
 @dataclass(frozen=True)
+class QConv:
+    """One quantized convolution: int8 weights ``(k*k*C_in) x C_out`` in im2col order (kernel row,
+    kernel column, channel), integer bias ``B`` (accumulator units) and multipliers ``m`` (over
+    ``2**MULT_BITS``), both int64.
+
+    ``halves``: the input is int16 latent-grid values (two int8 products); otherwise uint8
+    activations held as ``a - 128`` (``B`` includes the offset)."""
+
+    w: Tensor
+    bias: Tensor
+    mult: Tensor
+    kernel: int
+    halves: bool
+
+
+@dataclass(frozen=True)
 class Int8Synthesis:
     """Everything the integer synthesis needs, derived once from a model.
 
     ``base_w``: ``M x 384`` int8, the inverse KLT's int16 weights as (high | low) halves;
     ``base_unit``, ``base_bias``: int64 per output channel, over ``2**PIXEL_BITS``, in 1/255 units;
-    ``w[l]``: ``9 C_in x C_out`` int8 in im2col order (kernel row, kernel column, channel);
-    ``bias[l]``: int64 in accumulator units; ``mult[l]``: int64 over ``2**MULT_BITS``.
+    ``layers``: the three refinement layers (the last one's multipliers in 1/255 units).
     """
 
     base_w: Tensor
     base_unit: Tensor
     base_bias: Tensor
-    w: list[Tensor]
-    bias: list[Tensor]
-    mult: list[Tensor]
+    layers: list[QConv]
 
 
 def _halves(v: Tensor) -> tuple[Tensor, Tensor]:
@@ -120,31 +139,20 @@ def int8_layers(model: KLTPS) -> Int8Synthesis:
     if float(base_unit.abs().max()) * w.shape[1] * _LATENT_MAX * _W16_MAX >= 2.0**62:
         raise ValueError("int8 synthesis: the base image could overflow int64")
 
-    ws, biases, mults = [], [], []
-    in_unit, in_max, offset = 2.0**-LATENT_FRAC_BITS, float(_LATENT_MAX), 0
+    layers = []
+    in_unit = 2.0**-LATENT_FRAC_BITS
     for i, (conv, scale) in enumerate(refine):
         w, b = exact_weights(conv, scale)
-        s = w.abs().amax(dim=(1, 2, 3)) / 127.0
-        s = torch.where(s > 0, s, torch.ones_like(s))
-        wq = torch.round(w / s[:, None, None, None])
-        unit = s * in_unit  # the real value of one accumulator step, per output channel
-        bias = torch.round(b / unit) + offset * wq.sum(dim=(1, 2, 3))
         last = i == len(refine) - 1
         out_unit = 1.0 / 255.0 if last else float(act_max[i]) / 255.0
-        mult = torch.round(unit / out_unit * 2.0**MULT_BITS)
-        if bool((mult <= 0).any()):
-            raise ValueError(f"int8 synthesis layer {i + 1}: a multiplier underflows 2**-{MULT_BITS}")
-        acc_max = wq.abs().sum(dim=(1, 2, 3)) * in_max + bias.abs()  # |acc + B| over any input
-        # One int8 product per int32 sum (layer 1: per half); (acc + B) * m in int64.
-        if float(wq.abs().sum(dim=(1, 2, 3)).max()) * 128 >= 2.0**31 or float((acc_max * mult).max()) >= 2.0**62:
-            raise ValueError(f"int8 synthesis layer {i + 1}: a sum could overflow")
-        if last and float((acc_max * mult).max()) * 2.0**-MULT_BITS >= _RESIDUAL_MAX * 255:
-            raise ValueError(f"int8 synthesis layer {i + 1}: the residual could exceed {_RESIDUAL_MAX} pixel units")
-        ws.append(wq.permute(2, 3, 1, 0).reshape(-1, wq.shape[0]).to(torch.int8).contiguous())
-        biases.append(bias.long())
-        mults.append(mult.long())
-        in_unit, in_max, offset = float(act_max[i]) / 255.0 if not last else 0.0, 255.0, 128
-    return Int8Synthesis(base_w, base_unit, base_bias, ws, biases, mults)
+        layer = quantize_conv(w, b, in_unit=in_unit, halves=i == 0, out_unit=out_unit, name=f"synthesis layer {i + 1}")
+        if last:
+            acc_max = layer.w.double().abs().sum(dim=0) * 255 + layer.bias.abs()
+            if float((acc_max * layer.mult).max()) * 2.0**-MULT_BITS >= _RESIDUAL_MAX * 255:
+                raise ValueError(f"int8 synthesis layer {i + 1}: the residual could exceed {_RESIDUAL_MAX} pixels")
+        layers.append(layer)
+        in_unit = out_unit
+    return Int8Synthesis(base_w, base_unit, base_bias, layers)
 
 
 def _latent_int(y_hat: Tensor) -> Tensor:
@@ -193,13 +201,14 @@ def reference(model: KLTPS, y_hat: Tensor) -> Tensor:
     limit = BASE_CLAMP * 255 << PIXEL_BITS
     base = _shuffle_ref(base.clamp_(-limit, limit).reshape(n, h, w, -1), BLOCK)  # N x 8h x 8w x 3
     x, fill = yq, 0
-    for i, (wl, bl, ml) in enumerate(zip(q.w, q.bias, q.mult, strict=True)):
-        acc = _matmul_ref(_im2col_ref(x, fill), wl.to(dev)) + bl.to(dev)
-        if i < len(q.w) - 1:
-            a = _rescale(acc, ml.to(dev), MULT_BITS).clamp_(0, 255) - 128
+    for i, layer in enumerate(q.layers):
+        wl, bl, ml = (t.to(dev) for t in (layer.w, layer.bias, layer.mult))
+        acc = _matmul_ref(_im2col_ref(x, fill), wl) + bl
+        if i < len(q.layers) - 1:
+            a = _rescale(acc, ml, MULT_BITS).clamp_(0, 255) - 128
             x, fill = _shuffle_ref(a.reshape(*x.shape[:3], -1), 2), -128
         else:
-            res = (acc * ml.to(dev)) << (PIXEL_BITS - MULT_BITS)
+            res = (acc * ml) << (PIXEL_BITS - MULT_BITS)
             res = _shuffle_ref(res.reshape(*x.shape[:3], -1), 2)
     out = torch.bitwise_right_shift(base + res + (1 << (PIXEL_BITS - 1)), PIXEL_BITS).clamp_(0, 255)
     return out.to(torch.uint8).permute(0, 3, 1, 2)
@@ -296,7 +305,8 @@ def synthesizer(model: KLTPS, device: torch.device) -> Callable[[Tensor], Tensor
         return lambda y_hat: reference(model, y_hat)
     q = int8_layers(model)
     base_unit, base_bias = q.base_unit.numpy(), q.base_bias.numpy()
-    (w1, w2, w3), (b1, b2, b3), (m1, m2, m3) = q.w, [b.numpy() for b in q.bias], [m.numpy() for m in q.mult]
+    (w1, w2, w3) = (x.w for x in q.layers)
+    (b1, b2, b3), (m1, m2, m3) = ([x.bias.numpy() for x in q.layers], [x.mult.numpy() for x in q.layers])
 
     def run(y_hat: Tensor) -> Tensor:
         y = np.ascontiguousarray(y_hat.detach().cpu().double().numpy())
@@ -318,3 +328,177 @@ def synthesizer(model: KLTPS, device: torch.device) -> Callable[[Tensor], Tensor
 
     run(torch.zeros(1, model.M, 2, 2, dtype=torch.float64))  # compile the kernels now, not in a request
     return run
+
+
+# -- the entropy model's small layers: hyper-synthesis and context ---------------------------------
+#
+# Built from the same pieces in plain torch (they are small: one 256² tile's hyper-synthesis and
+# context make ~30 M multiply-adds, against ~190 M in the synthesis), with the same exactness:
+# integer products and sums, integer rescaling, outputs that are integers over 2**VALUE_BITS.
+
+#: means, log-scales and context corrections are multiples of 2**-VALUE_BITS
+VALUE_BITS = 10
+
+
+def quantize_conv(w: Tensor, b: Tensor, *, in_unit: float, halves: bool, out_unit: float, name: str) -> QConv:
+    """Quantize float64 grid weights ``w`` (``C_out x C_in x k x k``) and bias ``b`` for inputs in
+    units of ``in_unit`` and outputs in units of ``out_unit``; raises ``ValueError`` if a worst-case
+    sum could overflow."""
+    s = w.abs().amax(dim=(1, 2, 3)) / 127.0
+    s = torch.where(s > 0, s, torch.ones_like(s))
+    wq = torch.round(w / s[:, None, None, None])
+    unit = s * in_unit
+    bias = torch.round(b / unit) + (0 if halves else 128) * wq.sum(dim=(1, 2, 3))
+    mult = torch.round(unit / out_unit * 2.0**MULT_BITS)
+    if bool((mult <= 0).any()):
+        raise ValueError(f"int8 {name}: a multiplier underflows 2**-{MULT_BITS}")
+    total = wq.abs().sum(dim=(1, 2, 3))
+    acc_max = total * (_LATENT_MAX if halves else 255) + bias.abs()
+    if float(total.max()) * 128 >= 2.0**31 or float((acc_max * mult).max()) >= 2.0**62:
+        raise ValueError(f"int8 {name}: a sum could overflow")
+    k = w.shape[-1]
+    w_mat = wq.permute(2, 3, 1, 0).reshape(-1, wq.shape[0]).to(torch.int8).contiguous()
+    return QConv(w_mat, bias.long(), mult.long(), k, halves)
+
+
+def _int_matmul(a: Tensor, b: Tensor) -> Tensor:
+    """int8 x int8 -> int64, exact: ``torch._int_mm`` on CPU, float64 (exact below 2**53) elsewhere."""
+    if a.device.type == "cpu":
+        return torch._int_mm(a, b).long()
+    return _matmul_ref(a, b)
+
+
+def _columns(x: Tensor, kernel: int, fill: int) -> Tensor:
+    """``N x H x W x C`` int8 -> im2col rows ``(N*H*W) x (k*k*C)``, padded with ``fill``."""
+    n, h, w, c = x.shape
+    if kernel == 1:
+        return x.reshape(-1, c)
+    xp = torch.full((n, h + 2, w + 2, c), fill, dtype=torch.int8, device=x.device)
+    xp[:, 1:-1, 1:-1] = x
+    window = torch.as_strided(xp, (n, h, w, 3, 3 * c), ((h + 2) * (w + 2) * c, (w + 2) * c, c, (w + 2) * c, 1))
+    return window.reshape(-1, 9 * c)
+
+
+def accumulate(x: Tensor, w: Tensor, kernel: int, halves: bool) -> Tensor:
+    """The int64 sums ``(N*H*W) x C_out`` of a quantized convolution without its bias (reference).
+
+    ``x``: ``N x H x W x C``; int16 latent-grid values as int64 when ``halves``, else int8 ``a - 128``."""
+    if not halves:
+        return _int_matmul(_columns(x, kernel, -128), w)
+    hi, lo = _halves(x)
+    both = _int_matmul(_columns(torch.cat([hi, lo]).to(torch.int8), kernel, 0), w)
+    rows = both.shape[0] // 2
+    return both[:rows] * 256 + both[rows:]
+
+
+def activation(acc: Tensor, layer: QConv) -> Tensor:
+    """ReLU output on uint8, held as int8 ``a - 128``: ``clamp(round((acc + B) * m), 0, 255) - 128``."""
+    return (_rescale(acc + layer.bias, layer.mult, MULT_BITS).clamp_(0, 255) - 128).to(torch.int8)
+
+
+def values(acc: Tensor, layer: QConv) -> Tensor:
+    """Outputs as float64 multiples of ``2**-VALUE_BITS`` (exact: integers below 2**53 scaled by a power of 2)."""
+    return _rescale(acc + layer.bias, layer.mult, MULT_BITS).double() * 2.0**-VALUE_BITS
+
+
+def small_conv_reference(
+    x: Tensor, first: QConv, second: QConv, *, limit: float = math.inf, shuffle: bool = False
+) -> Tensor:
+    """Float64 ``N x C x H x W`` latent-grid input -> quantized 3x3 -> uint8 -> quantized 1x1 ->
+    float64 ``N x C' x H x W`` values clamped to +-``limit``, in plain torch (any device): the
+    context network, and with ``shuffle`` (a 2x pixel shuffle after each layer) the hyper-synthesis."""
+    n, c, h, w = x.shape
+    width = first.w.shape[1]
+    if c:
+        acc = accumulate(latent_nhwc(x), first.w, 3, True)
+    else:  # nothing decoded yet: the layer is its bias
+        acc = torch.zeros(n * h * w, width, dtype=torch.int64, device=x.device)
+    a = activation(acc, first).reshape(n, h, w, width)
+    if shuffle:
+        a, h, w = _shuffle_ref(a, 2), 2 * h, 2 * w
+    out = values(accumulate(a, second.w, 1, False), second).clamp_(-limit, limit)
+    out = out.reshape(n, h, w, -1).permute(0, 3, 1, 2)
+    return F.pixel_shuffle(out, 2) if shuffle else out
+
+
+@numba.njit(cache=False, nogil=True)
+def _hidden(acc: Any, bias: Any, mult: Any, out: Any) -> None:  # pragma: no cover - compiled
+    """``acc``: ``2R x C`` int32 sums of the high and low latent halves -> ``R x C`` int8 ``a - 128``."""
+    rows, c = out.shape
+    half = np.int64(1) << (MULT_BITS - 1)
+    for r in range(rows):
+        for k in range(c):
+            v = np.int64(acc[r, k]) * 256 + acc[rows + r, k] + bias[k]
+            v = (v * mult[k] + half) >> MULT_BITS
+            out[r, k] = min(max(v, 0), 255) - 128
+
+
+@numba.njit(cache=False, nogil=True)
+def _values(acc: Any, bias: Any, mult: Any, limit: float, shuffle: bool, out: Any) -> None:  # pragma: no cover
+    """``acc``: ``(N*h*w) x C`` int32 -> float64 multiples of 2**-VALUE_BITS, clamped to +-``limit``,
+    into ``out``: ``N x C x h x w``, or with ``shuffle`` ``N x C/4 x 2h x 2w`` (a 2x pixel shuffle)."""
+    n = out.shape[0]
+    c = acc.shape[1]
+    hw = acc.shape[0] // n
+    w = out.shape[3] // 2 if shuffle else out.shape[3]
+    half = np.int64(1) << (MULT_BITS - 1)
+    scale = 2.0**-VALUE_BITS
+    for b in range(n):
+        for k in range(c):  # channel by channel: contiguous writes, strided reads (faster here)
+            bk, mk = bias[k], mult[k]
+            for p in range(hw):
+                v = ((np.int64(acc[b * hw + p, k]) + bk) * mk + half) >> MULT_BITS
+                x = min(max(v * scale, -limit), limit)
+                if shuffle:
+                    out[b, k >> 2, 2 * (p // w) + ((k >> 1) & 1), 2 * (p % w) + (k & 1)] = x
+                else:
+                    out[b, k, p // w, p % w] = x
+
+
+def small_conv(x: Tensor, first: QConv, second: QConv, *, limit: float = math.inf, shuffle: bool = False) -> Tensor:
+    """:func:`small_conv_reference` on CPU: numba kernels around two int8 products, the output
+    clamped to +-``limit``.  ``shuffle``: a 2x pixel shuffle after each layer (the hyper-synthesis)."""
+    y = np.ascontiguousarray(x.numpy())
+    n, c, h, w = y.shape
+    width = first.w.shape[1]
+    if c:
+        planes = np.zeros((2, n, h + 2, w + 2, c), np.int8)
+        _latent_planes(y, planes)
+        acc = _conv(planes.reshape(2 * n, h + 2, w + 2, c), first.w)
+    else:  # nothing decoded yet: the layer is its bias
+        acc = np.zeros((2 * n * h * w, width), np.int32)
+    hidden = np.empty((n * h * w, width), np.int8)
+    _hidden(acc, first.bias.numpy(), first.mult.numpy(), hidden)
+    a = torch.from_numpy(hidden)
+    if shuffle:
+        a = _shuffle_ref(a.reshape(n, h, w, width), 2).reshape(-1, width // 4)
+        h, w = 2 * h, 2 * w
+    acc = torch._int_mm(a, second.w).numpy()
+    c_out = second.w.shape[1]
+    out = np.empty((n, c_out // 4, 2 * h, 2 * w) if shuffle else (n, c_out, h, w))
+    _values(acc, second.bias.numpy(), second.mult.numpy(), limit, shuffle, out)
+    return torch.from_numpy(out)
+
+
+def latent_nhwc(x: Tensor) -> Tensor:
+    """Float64 ``N x C x H x W`` -> int16 latent-grid values as int64, ``N x H x W x C``."""
+    return _latent_int(x).permute(0, 2, 3, 1)
+
+
+def warm_up() -> None:
+    """Compile the entropy layers' kernels now rather than in the first request."""
+    first = QConv(
+        torch.zeros(9, 4, dtype=torch.int8),
+        torch.zeros(4, dtype=torch.int64),
+        torch.ones(4, dtype=torch.int64),
+        3,
+        True,
+    )
+    second = QConv(
+        torch.zeros(4, 4, dtype=torch.int8),
+        torch.zeros(4, dtype=torch.int64),
+        torch.ones(4, dtype=torch.int64),
+        1,
+        False,
+    )
+    small_conv(torch.zeros(1, 1, 2, 2, dtype=torch.float64), first, second, shuffle=False)

@@ -168,37 +168,64 @@ class KLTPS(FactorizedPrior, nn.Module):
         inputs, int8 weights per channel, uint8 activations; straight-through gradients).
         """
         u = y_hat * self.step
-        quant = self._int8_ready()
+        quant = self.int8 and self._int8_ready()
         r = _fake_quant(y_hat, 2.0**-LATENT_FRAC_BITS) * self.step if quant else u
         for i, stage in enumerate(self.g_s):
             assert isinstance(stage, _SubPixel)
-            if quant:
-                w = stage.conv.weight
-                s_w = (w.detach().abs().amax(dim=(1, 2, 3), keepdim=True) / 127.0).clamp(min=1e-12)
-                r = F.pixel_shuffle(F.conv2d(r, _fake_quant(w, s_w), stage.bias, padding=1), 2)
-            else:
-                r = stage(r)
+            r = F.pixel_shuffle(self._conv_q(stage.conv, r, quant), 2)
             if i < len(self.g_s) - 1:
-                r = F.relu(r)
-                if quant:
-                    a_max = self.int8_act_max[i]
-                    r = _fake_quant(torch.minimum(r, a_max), a_max / 255.0)
+                r = self._act_q(F.relu(r), "int8_act_max", i) if self.int8 else F.relu(r)
         return F.pixel_shuffle(self.inverse(u), BLOCK) + r
 
+    # -- int8 decoding, as training sees it ---------------------------------
+    _calibrating = False
+
+    def _int8_ranges(self) -> list[tuple[Tensor, list[int]]]:
+        """Each int8 activation-range buffer and the entries of it that decoding uses."""
+        return [(self.int8_act_max, [0, 1])] if self.int8 else []
+
     def _int8_ready(self) -> bool:
-        return self.int8 and bool((self.int8_act_max > 0).all())
+        ranges = self._int8_ranges()
+        return bool(ranges) and all(bool((buf[used] > 0).all()) for buf, used in ranges)
+
+    @staticmethod
+    def _conv_q(conv: nn.Conv2d, x: Tensor, quant: bool) -> Tensor:
+        """``conv(x)``, with its weights fake-quantized to int8 per output channel when ``quant``."""
+        if not quant:
+            out: Tensor = conv(x)
+            return out
+        w = conv.weight
+        s_w = (w.detach().abs().amax(dim=(1, 2, 3), keepdim=True) / 127.0).clamp(min=1e-12)
+        return F.conv2d(x, _fake_quant(w, s_w), conv.bias, padding=conv.padding)
+
+    def _act_q(self, x: Tensor, buffer: str, i: int) -> Tensor:
+        """A ReLU output: its maximum recorded (calibration), or rounded to uint8 on ``[0, max]``."""
+        a_max = getattr(self, buffer)
+        if self._calibrating:
+            a_max[i] = torch.maximum(a_max[i], x.detach().max())
+            return x
+        if not self._int8_ready():
+            return x
+        return _fake_quant(torch.minimum(x, a_max[i]), a_max[i] / 255.0)
 
     @torch.no_grad()
-    def calibrate_int8_(self, y_hat: Tensor) -> None:
-        """Set the int8 activation ranges to the largest ReLU outputs of the float synthesis on ``y_hat``."""
-        if not self.int8:
-            raise ValueError("calibrate_int8_ needs a model built with int8 = true")
-        r = y_hat * self.step
-        top = []
-        for stage in [s for s in self.g_s if isinstance(s, _SubPixel)][:-1]:
-            r = F.relu(stage(r))
-            top.append(float(r.max()))
-        self.int8_act_max.copy_(torch.tensor(top))
+    def calibrate_int8_(self, images: Tensor, chunk: int = 4) -> None:
+        """Set every int8 activation range to the largest value the float model produces on
+        ``images`` (``B x 3 x H x W`` in [0, 1]), latents rounded as coding rounds them."""
+        ranges = self._int8_ranges()
+        if not ranges:
+            raise ValueError("calibrate_int8_ needs a model built with int8 (or int8_entropy) = true")
+        for buf, _ in ranges:
+            buf.zero_()
+        was_training = self.training
+        self.eval()
+        self._calibrating = True
+        try:
+            for i in range(0, images.shape[0], chunk):
+                self.forward(images[i : i + chunk])
+        finally:
+            self._calibrating = False
+            self.train(was_training)
 
     def forward(self, x: Tensor) -> dict[str, Any]:
         """Training pass: noisy latents, reconstruction and likelihoods."""
@@ -378,8 +405,12 @@ class KLTHyper(KLTPS):
     glass, stroma and nuclei get their own densities instead of one per channel.
     The hyper-synthesis runs on the same exact grids as the synthesis, so the
     scale index of every symbol is identical on every machine.  ``H`` is the
-    side latent's width.
+    side latent's width; ``int8_entropy``: decode the hyper-synthesis (and a context model's
+    networks) in integers (``int8.py``; training then sees that quantization).
     """
+
+    #: the int8 hyper-synthesis's activation range (a buffer; only with ``int8_entropy``)
+    int8_hyper_max: Tensor
 
     def __init__(
         self,
@@ -389,6 +420,7 @@ class KLTHyper(KLTPS):
         step: float = 0.1,
         H: int = 64,
         int8: bool = False,
+        int8_entropy: bool = False,
     ) -> None:
         super().__init__(M=M, N=N, widths=widths, step=step, int8=int8)
         del self.entropy_bottleneck  # the latent is coded by the Gaussian conditional instead
@@ -411,6 +443,10 @@ class KLTHyper(KLTPS):
         nn.init.zeros_(_bias(self.h_s2))
         table = [math.exp(t) for t in SCALE_LOG_TABLE]
         self.gaussian_conditional = GaussianConditional(table, scale_bound=table[0])
+        self.int8_entropy = bool(int8_entropy)
+        if self.int8_entropy:
+            self.config["int8_entropy"] = True
+            self.register_buffer("int8_hyper_max", torch.zeros(1))
 
     # -- initialisation ---------------------------------------------------
     @torch.no_grad()
@@ -423,10 +459,20 @@ class KLTHyper(KLTPS):
 
     # -- training ---------------------------------------------------------
     def hyper_synthesize(self, z_hat: Tensor, size: tuple[int, int]) -> tuple[Tensor, Tensor]:
-        """Side latent -> (means, log-scales) of a latent of ``size`` (float, training)."""
-        h = F.relu(F.pixel_shuffle(self.h_s1(z_hat), 2))
-        p = F.pixel_shuffle(self.h_s2(h), 2)[:, :, : size[0], : size[1]]
+        """Side latent -> (means, log-scales) of a latent of ``size`` (float, training; an
+        ``int8_entropy`` model sees its decoder's quantization once calibrated)."""
+        quant = self.int8_entropy and self._int8_ready()
+        if quant:
+            z_hat = _fake_quant(z_hat, 2.0**-LATENT_FRAC_BITS)
+        h = F.relu(F.pixel_shuffle(self._conv_q(self.h_s1, z_hat, quant), 2))
+        if self.int8_entropy:
+            h = self._act_q(h, "int8_hyper_max", 0)
+        p = F.pixel_shuffle(self._conv_q(self.h_s2, h, quant), 2)[:, :, : size[0], : size[1]]
         return p[:, : self.M], p[:, self.M :]
+
+    def _int8_ranges(self) -> list[tuple[Tensor, list[int]]]:
+        hyper = [(self.int8_hyper_max, [0])] if self.int8_entropy else []
+        return super()._int8_ranges() + hyper
 
     def latent_params(self, y: Tensor, means: Tensor, log_scales: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Training: the (means, log-scales) ``y`` is coded under, and ``y`` rounded about those
@@ -468,12 +514,37 @@ class KLTHyper(KLTPS):
 
     def exact_hyper_params(self, device: torch.device) -> Callable[[Tensor], tuple[Tensor, Tensor]]:
         """Order-independent hyper-synthesis: float64 ``z_hat`` -> float64 (means, log-scales)."""
+        if self.int8_entropy:
+            return self._int8_hyper_params(device)
         (w1, b1), (w2, b2) = [(w.to(device), b.to(device)) for w, b in map(exact_weights, (self.h_s1, self.h_s2))]
 
         def run(z_hat: Tensor) -> tuple[Tensor, Tensor]:
             z = _to_grid(z_hat.double(), ACT_BITS, _A_MAX)
             h = _relu_grid_(F.pixel_shuffle(_conv(z, w1, b1, 1), 2))
             p = F.pixel_shuffle(_conv(h, w2, b2, 0), 2)
+            return p[:, : self.M], p[:, self.M :]
+
+        return run
+
+    def _int8_hyper_params(self, device: torch.device) -> Callable[[Tensor], tuple[Tensor, Tensor]]:
+        """The hyper-synthesis in integers (``int8.py``): int8 products, uint8 hidden layer,
+        means and log-scales on the ``2**-VALUE_BITS`` grid."""
+        from . import int8 as q8
+
+        if not self._int8_ready():
+            raise ValueError("int8 hyper-synthesis is not calibrated (act_max is zero)")
+        unit = float(self.int8_hyper_max[0]) / 255.0
+        (w1, b1), (w2, b2) = map(exact_weights, (self.h_s1, self.h_s2))
+        l1 = q8.quantize_conv(w1, b1, in_unit=2.0**-LATENT_FRAC_BITS, halves=True, out_unit=unit, name="h_s1")
+        l2 = q8.quantize_conv(w2, b2, in_unit=unit, halves=False, out_unit=2.0**-q8.VALUE_BITS, name="h_s2")
+        l1, l2 = (q8.QConv(x.w.to(device), x.bias.to(device), x.mult.to(device), x.kernel, x.halves) for x in (l1, l2))
+
+        def run(z_hat: Tensor) -> tuple[Tensor, Tensor]:
+            z = z_hat.double()
+            if z.device.type == "cpu":
+                p = q8.small_conv(z, l1, l2, shuffle=True)
+            else:
+                p = q8.small_conv_reference(z, l1, l2, shuffle=True)
             return p[:, : self.M], p[:, self.M :]
 
         return run
