@@ -208,3 +208,14 @@ def test_integer_entropy_model_codes_what_training_estimates(image: np.ndarray, 
     # A batch decodes to the same pixels as tiles one by one.
     blobs = codec.encode_batch([tile, np.ascontiguousarray(image[256:512, 64:256])])
     assert np.array_equal(codec.decode_batch(blobs)[0], out)
+
+
+def test_the_matrix_product_other_devices_use_is_exact() -> None:
+    # Off the CPU, int8 products are summed in float64 (exact below 2**53): the same integers.
+    from tileserver.codecs.models.int8 import _matmul_ref
+
+    torch.manual_seed(5)
+    a = torch.randint(-128, 128, (300, 864), dtype=torch.int8)
+    b = torch.randint(-128, 128, (864, 40), dtype=torch.int8)
+    assert torch.equal(_matmul_ref(a, b), torch._int_mm(a, b).long())
+    assert int(_matmul_ref(a, b).abs().max()) > 2**16

@@ -188,12 +188,14 @@ def _matmul_ref(a: Tensor, b: Tensor) -> Tensor:
     return (a.double() @ b.double()).long()
 
 
-def reference(model: KLTPS, y_hat: Tensor) -> Tensor:
-    """The integer synthesis in plain torch: float64 ``B x M x h x w`` latents -> uint8 ``B x 3 x 8h x 8w``."""
+def reference(model: KLTPS, y_hat: Tensor, layers: Int8Synthesis | None = None) -> Tensor:
+    """The integer synthesis in plain torch: float64 ``B x M x h x w`` latents -> uint8 ``B x 3 x 8h x 8w``.
+
+    ``layers``: ``int8_layers(model)``, if already built."""
     from .klt import BLOCK
 
     dev = y_hat.device
-    q = int8_layers(model)
+    q = layers if layers is not None else int8_layers(model)
     yq = _latent_int(y_hat).permute(0, 2, 3, 1)  # N x h x w x M
     n, h, w, m = yq.shape
     w16 = q.base_w[:, :192].long() * 256 + q.base_w[:, 192:].long()  # M x 192
@@ -301,9 +303,9 @@ def _conv(xp: Any, w: Tensor) -> Any:
 def synthesizer(model: KLTPS, device: torch.device) -> Callable[[Tensor], Tensor]:
     """The integer synthesis as ``exact_synthesizer`` returns it: float64 ``B x M x h x w`` -> uint8
     ``B x 3 x 8h x 8w``.  CPU: int8 GEMMs and numba kernels; other devices: :func:`reference`."""
-    if device.type != "cpu":
-        return lambda y_hat: reference(model, y_hat)
     q = int8_layers(model)
+    if device.type != "cpu":
+        return lambda y_hat: reference(model, y_hat, q)
     base_unit, base_bias = q.base_unit.numpy(), q.base_bias.numpy()
     (w1, w2, w3) = (x.w for x in q.layers)
     (b1, b2, b3), (m1, m2, m3) = ([x.bias.numpy() for x in q.layers], [x.mult.numpy() for x in q.layers])
