@@ -110,6 +110,9 @@ def test_uncalibrated_models_refuse_to_decode_or_export() -> None:
         m.exact_synthesizer(torch.device("cpu"))
     with pytest.raises(ValueError, match="not calibrated"):
         m.snap_synthesis_()
+    entropy_only = build("klt-cx8", **CTX, int8_entropy=True)
+    with pytest.raises(ValueError, match="not calibrated"):
+        entropy_only.snap_synthesis_()
 
 
 def test_a_layer_that_could_overflow_is_refused(model: KLTPS) -> None:

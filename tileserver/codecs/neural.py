@@ -31,10 +31,11 @@ bounds-checked), so even a crafted stream with a valid CRC fails as one
 ``CorruptTile``.
 
 Decoded pixels are bit-identical whatever the batch size, batch composition,
-thread count or device: the synthesis (and the hyper-synthesis that picks each
-symbol's Gaussian) runs on exact fixed-point grids in float64 (see
-``models/klt.py`` and ``models/factorized.py``), scale indexes are exact
-arithmetic, and the entropy models' CDF tables are fixed at export.
+thread count or device: the synthesis (and the hyper-synthesis and context that
+pick each symbol's Gaussian) is integer arithmetic (``models/int8.py``; older
+models: exact fixed-point grids in float64, ``models/klt.py`` and
+``models/factorized.py``), scale indexes are exact arithmetic, and the entropy
+models' CDF tables are fixed at export.
 """
 
 from __future__ import annotations
@@ -76,10 +77,10 @@ MAX_TILE_SIDE = 512
 #: directory of the shipped weights and their manifest
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 
-#: tiles per synthesis pass on CPU.  Measured (bench/decode.py): the float64
-#: synthesis runs fastest one tile at a time on CPU (larger batches only grow the
-#: im2col buffers past the caches); on CUDA the whole batch goes in one pass.
-#: Pixels are identical either way (the synthesis is exact).
+#: tiles per synthesis pass on CPU.  Measured (bench/decode.py): both the float64 and
+#: the integer synthesis run fastest one or two tiles at a time on CPU (larger batches
+#: only grow the im2col buffers past the caches); on CUDA the whole batch goes in one
+#: pass.  Pixels are identical either way (the synthesis is exact).
 CPU_SYNTHESIS_BATCH = 1
 
 _MAGIC = b"NC"

@@ -50,6 +50,7 @@ from .klt import (
     _bias,
     _conv,
     _fake_quant,
+    _int8_scale,
     _relu_grid_,
     exact_weights,
 )
@@ -278,6 +279,11 @@ class KLTContext(KLTHyper):
 
         return run
 
+    def _check_int8(self) -> None:
+        super()._check_int8()
+        if self.int8_entropy:
+            self._int8_context(torch.device("cpu"))
+
     def _int8_context(self, device: torch.device) -> Callable[[int, Tensor, Tensor | None], tuple[Tensor, Tensor]]:
         """:meth:`exact_context` in integers (``int8.py``): residuals on the int16 latent grid,
         int8 products, the hidden layer on uint8, corrections on the ``2**-VALUE_BITS`` grid.
@@ -305,10 +311,7 @@ class KLTContext(KLTHyper):
             # same per-channel scale, bias and multiplier (any partial sum is exact).
             prev_rows = first.w.reshape(3, 3, -1, first.w.shape[1])[:, :, : self.bounds[k]]
             prev = q8.QConv(prev_rows.reshape(-1, first.w.shape[1]).contiguous(), first.bias, first.mult, 3, True)
-            layers[k] = tuple(
-                q8.QConv(x.w.to(device), x.bias.to(device), x.mult.to(device), x.kernel, x.halves)
-                for x in (prev, first, out)
-            )
+            layers[k] = (prev.to(device), first.to(device), out.to(device))
 
         def run(k: int, prev: Tensor, own: Tensor | None) -> tuple[Tensor, Tensor]:
             c = self.bounds[k + 1] - self.bounds[k]
@@ -322,11 +325,6 @@ class KLTContext(KLTHyper):
             return d[:, :c], d[:, c:]
 
         return run
-
-
-def _int8_scale(w: Tensor) -> Tensor:
-    """Per-output-channel int8 scale of a weight (``max |w| / 127``), as ``int8.quantize_conv`` uses."""
-    return (w.detach().abs().amax(dim=(1, 2, 3), keepdim=True) / 127.0).clamp(min=1e-12)
 
 
 def _bias_only(b: Tensor | None, x: Tensor) -> Tensor:

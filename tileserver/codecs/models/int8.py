@@ -90,6 +90,10 @@ class QConv:
     kernel: int
     halves: bool
 
+    def to(self, device: torch.device) -> QConv:
+        """This layer's tensors on ``device``."""
+        return QConv(self.w.to(device), self.bias.to(device), self.mult.to(device), self.kernel, self.halves)
+
 
 @dataclass(frozen=True)
 class Int8Synthesis:

@@ -194,9 +194,7 @@ class KLTPS(FactorizedPrior, nn.Module):
         if not quant:
             out: Tensor = conv(x)
             return out
-        w = conv.weight
-        s_w = (w.detach().abs().amax(dim=(1, 2, 3), keepdim=True) / 127.0).clamp(min=1e-12)
-        return F.conv2d(x, _fake_quant(w, s_w), conv.bias, padding=conv.padding)
+        return F.conv2d(x, _fake_quant(conv.weight, _int8_scale(conv.weight)), conv.bias, padding=conv.padding)
 
     def _act_q(self, x: Tensor, buffer: str, i: int) -> Tensor:
         """A ReLU output: its maximum recorded (calibration), or rounded to uint8 on ``[0, max]``."""
@@ -267,14 +265,18 @@ class KLTPS(FactorizedPrior, nn.Module):
     def snap_synthesis_(self) -> None:
         """Put every exactly decoded convolution's weights on its grid, in place (export)."""
         self._check_ranges()
-        if self.int8:
-            from .int8 import int8_layers
-
-            int8_layers(self)  # refuses an uncalibrated model or a layer that would not be exact
+        self._check_int8()
         for conv, scale in self._exact_convs():
             w, b = exact_weights(conv, scale)
             conv.weight.copy_((w / scale).float())
             _bias(conv).copy_(b.float())
+
+    def _check_int8(self) -> None:
+        """Build the integer layers once: they refuse an uncalibrated model or a sum that could overflow."""
+        if self.int8:
+            from .int8 import int8_layers
+
+            int8_layers(self)
 
     def exact_synthesizer(self, device: torch.device) -> Callable[[Tensor], Tensor]:
         """Order-independent synthesis: float64 latents ``B x M x h x w`` -> uint8 ``B x 3 x 8h x 8w``."""
@@ -312,6 +314,11 @@ class KLTPS(FactorizedPrior, nn.Module):
             return F.pixel_shuffle(out, 2)
 
         return run
+
+
+def _int8_scale(w: Tensor) -> Tensor:
+    """Per-output-channel int8 scale of a weight (``max |w| / 127``), as ``int8.quantize_conv`` uses."""
+    return (w.detach().abs().amax(dim=(1, 2, 3), keepdim=True) / 127.0).clamp(min=1e-12)
 
 
 def _fake_quant(x: Tensor, unit: Tensor | float) -> Tensor:
@@ -526,6 +533,11 @@ class KLTHyper(KLTPS):
 
         return run
 
+    def _check_int8(self) -> None:
+        super()._check_int8()
+        if self.int8_entropy:
+            self._int8_hyper_params(torch.device("cpu"))
+
     def _int8_hyper_params(self, device: torch.device) -> Callable[[Tensor], tuple[Tensor, Tensor]]:
         """The hyper-synthesis in integers (``int8.py``): int8 products, uint8 hidden layer,
         means and log-scales on the ``2**-VALUE_BITS`` grid."""
@@ -537,7 +549,7 @@ class KLTHyper(KLTPS):
         (w1, b1), (w2, b2) = map(exact_weights, (self.h_s1, self.h_s2))
         l1 = q8.quantize_conv(w1, b1, in_unit=2.0**-LATENT_FRAC_BITS, halves=True, out_unit=unit, name="h_s1")
         l2 = q8.quantize_conv(w2, b2, in_unit=unit, halves=False, out_unit=2.0**-q8.VALUE_BITS, name="h_s2")
-        l1, l2 = (q8.QConv(x.w.to(device), x.bias.to(device), x.mult.to(device), x.kernel, x.halves) for x in (l1, l2))
+        l1, l2 = l1.to(device), l2.to(device)
 
         def run(z_hat: Tensor) -> tuple[Tensor, Tensor]:
             z = z_hat.double()
