@@ -136,6 +136,20 @@ def test_older_models_keep_their_config_and_state() -> None:
     assert missing == ["int8_act_max"]
 
 
+@pytest.mark.parametrize("flags", [{"int8": True}, {"int8_entropy": True}, {"int8": True, "int8_entropy": True}])
+def test_each_integer_option_calibrates_and_trains_alone(flags: dict[str, bool], image: np.ndarray) -> None:
+    model = build("klt-cx8", **CTX, **flags)
+    x = _x(np.stack([image[:64, :64], image[64:128, 64:128]]))
+    model.calibrate_int8_(x)
+    assert model._int8_ready()
+    expected = {"int8_act_max"} if flags.get("int8") else set()
+    expected |= {"int8_hyper_max", "int8_ctx_max"} if flags.get("int8_entropy") else set()
+    assert {k for k in model.state_dict() if k.startswith("int8_")} == expected
+    model.train()
+    out = model(x)
+    assert out["x_hat"].shape == x.shape and torch.isfinite(out["likelihoods"]).all()
+
+
 # -- the integer entropy model (int8_entropy = true): hyper-synthesis and context ------------------
 
 CTX = {"M": 24, "N": 8, "widths": [8, 8], "step": 0.08, "H": 8, "slices": [3, 9], "checkerboard": 2, "ctx_width": 8}

@@ -208,8 +208,10 @@ class KLTContext(KLTHyper):
         return lambda t: self._act_q(F.relu(t), "int8_ctx_max", k)
 
     def _int8_ranges(self) -> list[tuple[Tensor, list[int]]]:
-        ctx = [(self.int8_ctx_max, [k for k in range(len(self.ctx_in)) if self._has_context(k)])]
-        return super()._int8_ranges() + (ctx if self.int8_entropy else [])
+        if not self.int8_entropy:
+            return super()._int8_ranges()
+        used = [k for k in range(len(self.ctx_in)) if self._has_context(k)]
+        return [*super()._int8_ranges(), (self.int8_ctx_max, used)]
 
     def latent_params(self, y: Tensor, means: Tensor, log_scales: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Training: (means, log-scales, rounded latent) of ``y`` pass by pass, as decoding sees them.
