@@ -55,7 +55,16 @@ from .klt import (
     exact_weights,
 )
 
-__all__ = ["CORRECTION_MAX", "KLTContext", "anchor_mask", "grid_residual", "hyper_mean_clamped"]
+__all__ = [
+    "CORRECTION_MAX",
+    "KLTContext",
+    "anchor_mask",
+    "grid_residual",
+    "hyper_mean_clamped",
+    "pass_gaussians",
+    "pass_update",
+    "warm_up",
+]
 
 #: corrections (and hyper means) are clamped to this before they are added: the sum stays exact
 CORRECTION_MAX = 2.0**12

@@ -56,10 +56,16 @@ __all__ = [
     "LATENT_FRAC_BITS",
     "MULT_BITS",
     "PIXEL_BITS",
+    "VALUE_BITS",
     "Int8Synthesis",
+    "QConv",
     "int8_layers",
+    "quantize_conv",
     "reference",
+    "small_conv",
+    "small_conv_reference",
     "synthesizer",
+    "warm_up",
 ]
 
 #: the latent is rounded to multiples of 2**-LATENT_FRAC_BITS (int16, |y| < 250)
