@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import platform
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -187,16 +191,8 @@ def test_entropy_layers_equal_their_reference(image: np.ndarray) -> None:
     z = torch.round(torch.randn(2, model.H, 3, 5, dtype=torch.float64) * 400) / 64  # some beyond the clamp
     hyper = model.exact_hyper_params(torch.device("cpu"))
     means, logs = hyper(z)
-    orig = q8.small_conv
-    q8.small_conv = q8.small_conv_reference  # type: ignore[assignment]
-    try:
-        ref_means, ref_logs = model.exact_hyper_params(torch.device("cpu"))(z)
-        ctx_ref = model.exact_context(torch.device("cpu"))
-    finally:
-        q8.small_conv = orig  # type: ignore[assignment]
-    assert torch.equal(means, ref_means) and torch.equal(logs, ref_logs)
-    assert means.shape == (2, model.M, 12, 20) and len(torch.unique(means)) > 50
     ctx = model.exact_context(torch.device("cpu"))
+    inputs = []
     for k, lo, hi, where in model.passes():
         prev = torch.round(torch.randn(2, lo, 6, 7, dtype=torch.float64) * 3000) / 1024
         own = (
@@ -204,9 +200,22 @@ def test_entropy_layers_equal_their_reference(image: np.ndarray) -> None:
             if where is not False
             else torch.round(torch.randn(2, hi - lo, 6, 7, dtype=torch.float64) * 3000) / 1024
         )
-        got, want = ctx(k, prev, own), ctx_ref(k, prev, own)
-        assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
-        assert got[0].shape == (2, hi - lo, 6, 7)
+        inputs.append((k, prev, own))
+    got = [ctx(*args) for args in inputs]
+    # The same layers through the plain-torch reference (float64 products, no numba, no _int_mm).
+    orig = q8.small_conv
+    q8.small_conv = q8.small_conv_reference  # type: ignore[assignment]
+    try:
+        ref_means, ref_logs = model.exact_hyper_params(torch.device("cpu"))(z)
+        ctx_ref = model.exact_context(torch.device("cpu"))
+        want = [ctx_ref(*args) for args in inputs]
+    finally:
+        q8.small_conv = orig  # type: ignore[assignment]
+    assert torch.equal(means, ref_means) and torch.equal(logs, ref_logs)
+    assert means.shape == (2, model.M, 12, 20) and len(torch.unique(means)) > 50
+    for (_, lo, hi, _), g, wnt in zip(model.passes(), got, want, strict=True):
+        assert all(torch.equal(a, b) for a, b in zip(g, wnt, strict=True))
+        assert g[0].shape == (2, hi - lo, 6, 7) and bool(g[0].abs().sum() > 0)
 
 
 def test_integer_entropy_model_codes_what_training_estimates(image: np.ndarray, tmp_path: Path) -> None:
@@ -236,3 +245,39 @@ def test_the_matrix_product_other_devices_use_is_exact() -> None:
     b = torch.randint(-128, 128, (864, 40), dtype=torch.int8)
     assert torch.equal(_matmul_ref(a, b), torch._int_mm(a, b).long())
     assert int(_matmul_ref(a, b).abs().max()) > 2**16
+
+
+_DECODE_IN_CHILD = """
+import sys, numpy as np
+from pathlib import Path
+from tileserver.codecs.models.int8 import int_mm_is_exact
+from tileserver.codecs.neural import NeuralCodec
+blob = Path(sys.argv[1]).read_bytes()
+np.save(sys.argv[2], NeuralCodec(3).decode(blob))
+print("exact" if int_mm_is_exact() else "fallback")
+"""
+
+
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="oneDNN ISA switch is x86 only")
+def test_a_cpu_without_vnni_decodes_the_same_pixels(image: np.ndarray, tmp_path: Path) -> None:
+    # oneDNN's int8 kernels saturate pairs of products without VNNI (AVX2, AVX-512 before
+    # Cascade Lake): the decoder must notice and use its exact fallback, not decode other pixels.
+    from tileserver.codecs.neural import NeuralCodec
+
+    codec = NeuralCodec(3)
+    tile = np.ascontiguousarray(image[:256, :256])
+    blob = codec.encode(tile)
+    (tmp_path / "tile.nc").write_bytes(blob)
+    env = {**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2"}
+    repo = Path(__file__).resolve().parents[2]
+    done = subprocess.run(
+        [sys.executable, "-c", _DECODE_IN_CHILD, str(tmp_path / "tile.nc"), str(tmp_path / "px.npy")],
+        env=env,
+        cwd=repo,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    )
+    assert done.stdout.strip() == "fallback"
+    assert np.array_equal(np.load(tmp_path / "px.npy"), codec.decode(blob))

@@ -76,8 +76,8 @@ MULT_BITS = 30
 PIXEL_BITS = 36
 #: the base image is clamped to +-BASE_CLAMP (in [0, 1] pixel units) before the residual is added
 BASE_CLAMP = 32
-_LATENT_MAX = 32000  # |int16 latent|: its two int8 halves stay inside -127..127
-_W16_MAX = 32639  # |int16 weight| = 256 * 127 + 127: its halves stay inside -127..127
+_LATENT_MAX = 32000  # |int16 latent|: its two int8 halves stay inside -128..127
+_W16_MAX = 32639  # |int16 weight| = 256 * 127 + 127: its halves stay inside -128..127
 _RESIDUAL_MAX = 16  # |last layer's residual| bound, in pixel units (see int8_layers)
 
 
@@ -117,7 +117,7 @@ class Int8Synthesis:
 
 
 def _halves(v: Tensor) -> tuple[Tensor, Tensor]:
-    """Integers ``|v| <= 32639`` (int64) as ``256 * hi + lo`` with ``hi, lo`` in -127..127."""
+    """Integers ``|v| <= 32639`` (int64) as ``256 * hi + lo`` with ``hi`` in -127..127, ``lo`` in -128..127."""
     lo = torch.remainder(v + 128, 256) - 128
     return torch.div(v - lo, 256, rounding_mode="floor"), lo
 
@@ -193,8 +193,49 @@ def _shuffle_ref(x: Tensor, r: int) -> Tensor:
     return x.reshape(n, h, w, c, r, r).permute(0, 1, 4, 2, 5, 3).reshape(n, r * h, r * w, c)
 
 
+_INT_MM_EXACT: bool | None = None
+
+
+def int_mm_is_exact() -> bool:
+    """Whether ``torch._int_mm`` sums int8 products exactly on this CPU (checked once per process).
+
+    oneDNN's int8 kernels are exact with VNNI or AMX.  Without them (AVX2 or AVX-512 without
+    VNNI: Haswell to Skylake, AMD Zen 2/3) they multiply through ``vpmaddubsw``, which
+    saturates a pair of products at 32767, so large weights against large activations come
+    out wrong — a decoder that trusted them would decode another machine's tiles wrongly.
+    The probe multiplies exactly that pattern (and random values) and compares."""
+    global _INT_MM_EXACT
+    if _INT_MM_EXACT is None:
+        gen = torch.Generator().manual_seed(0)
+        probes = [
+            (torch.full((32, 64), 127, dtype=torch.int8), torch.full((64, 16), 127, dtype=torch.int8)),
+            (torch.full((32, 64), -128, dtype=torch.int8), torch.full((64, 16), -128, dtype=torch.int8)),
+            (
+                torch.randint(-128, 128, (48, 288), dtype=torch.int8, generator=gen),
+                torch.randint(-128, 128, (288, 24), dtype=torch.int8, generator=gen),
+            ),
+        ]
+        _INT_MM_EXACT = all(torch.equal(torch._int_mm(a, b).long(), _matmul_ref(a, b)) for a, b in probes)
+    return _INT_MM_EXACT
+
+
+def _mm(a: Tensor, b: Tensor) -> Tensor:
+    """int8 ``a`` (rows x K) times int8 ``b`` (K x N), exactly, as int32 (CPU).
+
+    ``torch._int_mm`` where it is exact (:func:`int_mm_is_exact`); otherwise a float32 product
+    of the same integers, exact too: ``K <= 1024`` products of at most 2**14 keep every partial
+    sum an integer below 2**24, whatever the order (float64 if float32 products may run at
+    reduced precision, or for larger K).  Same result, a few times slower."""
+    if int_mm_is_exact():
+        return torch._int_mm(a, b)
+    if a.shape[1] <= 1024 and torch.get_float32_matmul_precision() == "highest":
+        return (a.float() @ b.float()).to(torch.int32)
+    return _matmul_ref(a, b).to(torch.int32)
+
+
 def _matmul_ref(a: Tensor, b: Tensor) -> Tensor:
-    # Products of int8 values summed in float64 are exact below 2**53: any device, any order.
+    # Products of integers summed in float64 are exact while every partial sum stays below 2**53
+    # (int8 and int16 values at these sizes): any device, any order, independent of torch._int_mm.
     return (a.double() @ b.double()).long()
 
 
@@ -307,7 +348,7 @@ def _conv(xp: Any, w: Tensor) -> Any:
     # strided view of the padded input, copied once (several times faster than a loop here).
     window = torch.as_strided(x, (n, hp - 2, wp - 2, 3, 3 * c), (hp * wp * c, wp * c, c, wp * c, 1))
     cols = window.reshape(-1, 9 * c)  # the copy
-    return torch._int_mm(cols, w).numpy()
+    return _mm(cols, w).numpy()
 
 
 def synthesizer(model: KLTPS, device: torch.device) -> Callable[[Tensor], Tensor]:
@@ -326,7 +367,7 @@ def synthesizer(model: KLTPS, device: torch.device) -> Callable[[Tensor], Tensor
         planes = np.zeros((2, n, h + 2, w + 2, m), np.int8)
         _latent_planes(y, planes)
         rows = np.ascontiguousarray(planes[:, :, 1:-1, 1:-1]).reshape(-1, m)  # unpadded: a faster shape
-        base = torch._int_mm(torch.from_numpy(rows), q.base_w).numpy()
+        base = _mm(torch.from_numpy(rows), q.base_w).numpy()
         acc = _conv(planes.reshape(2 * n, h + 2, w + 2, m), w1)
         x1 = np.full((n, 2 * h + 2, 2 * w + 2, acc.shape[1] // 4), -128, np.int8)
         _requant(acc, True, b1, m1, n, h, w, x1)
@@ -373,13 +414,6 @@ def quantize_conv(w: Tensor, b: Tensor, *, in_unit: float, halves: bool, out_uni
     return QConv(w_mat, bias.long(), mult.long(), k, halves)
 
 
-def _int_matmul(a: Tensor, b: Tensor) -> Tensor:
-    """int8 x int8 -> int64, exact: ``torch._int_mm`` on CPU, float64 (exact below 2**53) elsewhere."""
-    if a.device.type == "cpu":
-        return torch._int_mm(a, b).long()
-    return _matmul_ref(a, b)
-
-
 def _columns(x: Tensor, kernel: int, fill: int) -> Tensor:
     """``N x H x W x C`` int8 -> im2col rows ``(N*H*W) x (k*k*C)``, padded with ``fill``."""
     n, h, w, c = x.shape
@@ -396,9 +430,9 @@ def accumulate(x: Tensor, w: Tensor, kernel: int, halves: bool) -> Tensor:
 
     ``x``: ``N x H x W x C``; int16 latent-grid values as int64 when ``halves``, else int8 ``a - 128``."""
     if not halves:
-        return _int_matmul(_columns(x, kernel, -128), w)
+        return _matmul_ref(_columns(x, kernel, -128), w)
     hi, lo = _halves(x)
-    both = _int_matmul(_columns(torch.cat([hi, lo]).to(torch.int8), kernel, 0), w)
+    both = _matmul_ref(_columns(torch.cat([hi, lo]).to(torch.int8), kernel, 0), w)
     rows = both.shape[0] // 2
     return both[:rows] * 256 + both[rows:]
 
@@ -485,7 +519,7 @@ def small_conv(x: Tensor, first: QConv, second: QConv, *, limit: float = math.in
     if shuffle:
         a = _shuffle_ref(a.reshape(n, h, w, width), 2).reshape(-1, width // 4)
         h, w = 2 * h, 2 * w
-    acc = torch._int_mm(a, second.w).numpy()
+    acc = _mm(a, second.w).numpy()
     c_out = second.w.shape[1]
     out = np.empty((n, c_out // 4, 2 * h, 2 * w) if shuffle else (n, c_out, h, w))
     _values(acc, second.bias.numpy(), second.mult.numpy(), limit, shuffle, out)

@@ -179,14 +179,25 @@ class KLTPS(FactorizedPrior, nn.Module):
 
     # -- int8 decoding, as training sees it ---------------------------------
     _calibrating = False
+    _ready: bool | None = None  # cached: reading the buffers would sync a GPU in every layer
 
     def _int8_ranges(self) -> list[tuple[Tensor, list[int]]]:
         """Each int8 activation-range buffer and the entries of it that decoding uses."""
         return [(self.int8_act_max, [0, 1])] if self.int8 else []
 
     def _int8_ready(self) -> bool:
-        ranges = self._int8_ranges()
-        return bool(ranges) and all(bool((buf[used] > 0).all()) for buf, used in ranges)
+        """Whether every range decoding uses is calibrated (never while calibrating: the float model
+        is measured then)."""
+        if self._calibrating:
+            return False
+        if self._ready is None:
+            ranges = self._int8_ranges()
+            self._ready = bool(ranges) and all(bool((buf[used] > 0).all()) for buf, used in ranges)
+        return self._ready
+
+    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
+        self._ready = None  # the ranges may change with the state
+        super()._load_from_state_dict(*args, **kwargs)
 
     @staticmethod
     def _conv_q(conv: nn.Conv2d, x: Tensor, quant: bool) -> Tensor:
@@ -223,7 +234,10 @@ class KLTPS(FactorizedPrior, nn.Module):
                 self.forward(images[i : i + chunk])
         finally:
             self._calibrating = False
+            self._ready = None
             self.train(was_training)
+        if not self._int8_ready():
+            raise ValueError("int8 calibration: a layer's activations were all zero on these images")
 
     def forward(self, x: Tensor) -> dict[str, Any]:
         """Training pass: noisy latents, reconstruction and likelihoods."""
@@ -234,7 +248,7 @@ class KLTPS(FactorizedPrior, nn.Module):
         # which noise would not show (Minnen & Singh 2020, "mixed" quantization).
         medians = self.entropy_bottleneck._get_medians().detach()
         y_hat = y + (torch.round(y - medians) + medians - y).detach()
-        return {"x_hat": self.synthesize(y_hat), "likelihoods": likelihoods, "y_hat": y_hat}
+        return {"x_hat": self.synthesize(y_hat), "likelihoods": likelihoods}
 
     # -- exact inference --------------------------------------------------
     def _grid_layers(self) -> list[tuple[Tensor, Tensor]]:
@@ -502,7 +516,7 @@ class KLTHyper(KLTPS):
         _, y_lik = self.gaussian_conditional(y, torch.exp(log_scales.clamp(lo, hi)), means)
         frozen = self.training and not self.inverse.weight.requires_grad
         x_hat = None if frozen else self.synthesize(y_hat)
-        return {"x_hat": x_hat, "likelihoods": torch.cat([y_lik.flatten(), z_lik.flatten()]), "y_hat": y_hat}
+        return {"x_hat": x_hat, "likelihoods": torch.cat([y_lik.flatten(), z_lik.flatten()])}
 
     def aux_loss(self) -> Tensor:
         """The side latent's quantile loss."""
