@@ -125,8 +125,8 @@ def test_a_layer_that_could_overflow_is_refused(model: KLTPS) -> None:
     m.load_state_dict(model.state_dict())
     int8_layers(m)
     with torch.no_grad():
-        m.int8_act_max[0] = 1e-9  # layer 2's input unit becomes tiny: its multipliers explode
-    with pytest.raises(ValueError, match="layer"):
+        m.int8_act_max[0] = 1e-9  # layer 1 outputs in tiny units: its multipliers explode
+    with pytest.raises(ValueError, match="layer 1: a sum could overflow"):
         int8_layers(m)
 
 

@@ -362,7 +362,7 @@ class _Context(_Hyperprior):
         self._positions: dict[tuple[int, int], dict[bool | None, Any]] = {}
 
     def positions(self, h: int, w: int) -> dict[bool | None, Any]:
-        """Flat positions each kind of pass codes: anchors (True), the others (False), all (None: a slice)."""
+        """Flat positions each kind of pass codes: anchors (True), the others (False), all (None)."""
         from .models.context import anchor_mask
 
         got = self._positions.get((h, w))

@@ -5,7 +5,8 @@ decoding in the synthesis and most of the rest in the hyper-synthesis and contex
 networks: float64 is the slowest arithmetic a CPU has.  A model built with ``int8 = true``
 decodes its synthesis with integers instead, and with ``int8_entropy = true`` its
 hyper-synthesis and context networks too: every convolution is an int8 matrix product with
-int32 accumulation (``torch._int_mm``, which uses AMX or VNNI where the CPU has them), and
+int32 accumulation (``torch._int_mm`` with AMX or VNNI; elsewhere an exact float32 product of
+the same integers, see :func:`int_mm_is_exact`), and
 numba kernels do each layer's rescaling, rounding, pixel shuffle and padding in one pass
 over the data.  The entropy model's layers (small: about 30 M multiply-adds per 256² tile
 against 190 M in the synthesis) use the same arithmetic through :func:`quantize_conv` and
@@ -60,6 +61,7 @@ __all__ = [
     "Int8Synthesis",
     "QConv",
     "int8_layers",
+    "int_mm_is_exact",
     "quantize_conv",
     "reference",
     "small_conv",
