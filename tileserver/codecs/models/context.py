@@ -50,7 +50,7 @@ from .klt import (
     _bias,
     _conv,
     _fake_quant,
-    _int8_scale,
+    _fake_quant_weight,
     _relu_grid_,
     exact_weights,
 )
@@ -202,7 +202,7 @@ class KLTContext(KLTHyper):
         if self.int8_entropy and self._int8_ready():
             # As the int8 decoder: int8 weights per output channel (the 3x3 layer's scale spans
             # both of its parts), residual inputs on the latent grid.
-            w_in, w_out = (_fake_quant(w, _int8_scale(w)) for w in (w_in, w_out))
+            w_in, w_out = _fake_quant_weight(w_in), _fake_quant_weight(w_out)
             if part != "out":
                 x = _fake_quant(x, 2.0**-LATENT_FRAC_BITS)
         w, b, pad = self._split_layers(k, w_in, _bias(c_in), w_out, _bias(c_out))[part]
@@ -331,8 +331,7 @@ class KLTContext(KLTHyper):
                 return zero, zero
             only_prev, both, out = layers[k]
             x, first = (prev, only_prev) if own is None else (torch.cat([prev, own], dim=1), both)
-            conv = q8.small_conv if x.device.type == "cpu" else q8.small_conv_reference
-            d = conv(x, first, out, limit=CORRECTION_MAX)
+            d = q8.small_conv(x, first, out, limit=CORRECTION_MAX)
             return d[:, :c], d[:, c:]
 
         return run

@@ -68,6 +68,7 @@ __all__ = [
     "small_conv_reference",
     "synthesizer",
     "warm_up",
+    "weight_scale",
 ]
 
 #: the latent is rounded to multiples of 2**-LATENT_FRAC_BITS (int16, |y| < 250)
@@ -118,6 +119,14 @@ class Int8Synthesis:
     layers: list[QConv]
 
 
+def weight_scale(w: Tensor, top: float = 127.0) -> Tensor:
+    """Per-output-channel scale of an integer weight: ``max |w| / top`` (1 for an all-zero channel).
+
+    The decoder quantizes with it, and training's fake quantization uses the same definition."""
+    s = w.detach().abs().flatten(1).amax(dim=1) / top
+    return torch.where(s > 0, s, torch.ones_like(s))
+
+
 def _halves(v: Tensor) -> tuple[Tensor, Tensor]:
     """Integers ``|v| <= 32639`` (int64) as ``256 * hi + lo`` with ``hi`` in -127..127, ``lo`` in -128..127."""
     lo = torch.remainder(v + 128, 256) - 128
@@ -141,8 +150,7 @@ def int8_layers(model: KLTPS) -> Int8Synthesis:
     # Inverse KLT: int16 weights per output channel.
     w, b = exact_weights(inverse, inv_scale)
     w = w.reshape(w.shape[0], -1)  # 192 x M
-    s = w.abs().amax(dim=1) / _W16_MAX
-    s = torch.where(s > 0, s, torch.ones_like(s))
+    s = weight_scale(w, _W16_MAX)
     hi, lo = _halves(torch.round(w / s[:, None]).long())
     base_w = torch.cat([hi, lo]).T.to(torch.int8).contiguous()  # M x 384
     base_unit = torch.round(s * 2.0**-LATENT_FRAC_BITS * pixel).long()
@@ -158,10 +166,8 @@ def int8_layers(model: KLTPS) -> Int8Synthesis:
         last = i == len(refine) - 1
         out_unit = 1.0 / 255.0 if last else float(act_max[i]) / 255.0
         layer = quantize_conv(w, b, in_unit=in_unit, halves=i == 0, out_unit=out_unit, name=f"synthesis layer {i + 1}")
-        if last:
-            acc_max = layer.w.double().abs().sum(dim=0) * 255 + layer.bias.abs()
-            if float((acc_max * layer.mult).max()) * 2.0**-MULT_BITS >= _RESIDUAL_MAX * 255:
-                raise ValueError(f"int8 synthesis layer {i + 1}: the residual could exceed {_RESIDUAL_MAX} pixels")
+        if last and float(_rescaled_max(layer).max()) * 2.0**-MULT_BITS >= _RESIDUAL_MAX * 255:
+            raise ValueError(f"int8 synthesis layer {i + 1}: the residual could exceed {_RESIDUAL_MAX} pixels")
         layers.append(layer)
         in_unit = out_unit
     return Int8Synthesis(base_w, base_unit, base_bias, layers)
@@ -181,11 +187,24 @@ def _rescale(v: Tensor, mult: Tensor, bits: int) -> Tensor:
 # -- the reference: plain torch, any device -------------------------------------------------------
 
 
-def _im2col_ref(x: Tensor, fill: int) -> Tensor:
-    """``N x H x W x C`` -> ``(N*H*W) x (9*C)`` rows of 3x3 neighbourhoods, padded with ``fill``."""
-    _, h, w, c = x.shape
-    xp = F.pad(x.permute(0, 3, 1, 2), (1, 1, 1, 1), value=fill).permute(0, 2, 3, 1)
-    return torch.cat([xp[:, a : a + h, b : b + w] for a in range(3) for b in range(3)], dim=3).reshape(-1, 9 * c)
+def _window(xp: Tensor) -> Tensor:
+    """Padded ``N x H+2 x W+2 x C`` -> im2col rows ``(N*H*W) x 9C`` (kernel row, kernel column, channel).
+
+    Row ``(b, i, j)`` is three runs of ``3C`` contiguous values, one per kernel row: one strided
+    view of the padded input, copied once (several times faster than a loop here)."""
+    n, hp, wp, c = xp.shape
+    window = torch.as_strided(xp, (n, hp - 2, wp - 2, 3, 3 * c), (hp * wp * c, wp * c, c, wp * c, 1))
+    return window.reshape(-1, 9 * c)
+
+
+def _columns(x: Tensor, kernel: int, fill: int) -> Tensor:
+    """``N x H x W x C`` -> im2col rows ``(N*H*W) x (k*k*C)``, padded with ``fill`` (same dtype)."""
+    n, h, w, c = x.shape
+    if kernel == 1:
+        return x.reshape(-1, c)
+    xp = torch.full((n, h + 2, w + 2, c), fill, dtype=x.dtype, device=x.device)
+    xp[:, 1:-1, 1:-1] = x
+    return _window(xp)
 
 
 def _shuffle_ref(x: Tensor, r: int) -> Tensor:
@@ -258,18 +277,24 @@ def reference(model: KLTPS, y_hat: Tensor, layers: Int8Synthesis | None = None) 
     x, fill = yq, 0
     for i, layer in enumerate(q.layers):
         wl, bl, ml = (t.to(dev) for t in (layer.w, layer.bias, layer.mult))
-        acc = _matmul_ref(_im2col_ref(x, fill), wl) + bl
+        acc = _matmul_ref(_columns(x, 3, fill), wl) + bl
         if i < len(q.layers) - 1:
             a = _rescale(acc, ml, MULT_BITS).clamp_(0, 255) - 128
             x, fill = _shuffle_ref(a.reshape(*x.shape[:3], -1), 2), -128
         else:
             res = (acc * ml) << (PIXEL_BITS - MULT_BITS)
             res = _shuffle_ref(res.reshape(*x.shape[:3], -1), 2)
-    out = torch.bitwise_right_shift(base + res + (1 << (PIXEL_BITS - 1)), PIXEL_BITS).clamp_(0, 255)
+    out = _rescale(base + res, torch.ones((), dtype=torch.int64, device=dev), PIXEL_BITS).clamp_(0, 255)
     return out.to(torch.uint8).permute(0, 3, 1, 2)
 
 
 # -- the CPU path: int8 GEMMs and fused numba kernels ---------------------------------------------
+
+
+@numba.njit(cache=False, nogil=True, inline="always")
+def _round_shift(v: Any, mult: Any, bits: int) -> Any:  # pragma: no cover - compiled
+    """:func:`_rescale` for one int64: ``round(v * mult / 2**bits)``, halves up."""
+    return (v * mult + (np.int64(1) << (bits - 1))) >> bits
 
 
 @numba.njit(cache=False, nogil=True)
@@ -297,7 +322,6 @@ def _requant(  # pragma: no cover - compiled
     With ``halves`` the accumulator is ``256 * acc[:R] + acc[R:]`` (the latent's two halves)."""
     rows = n * h * w
     c = acc.shape[1] // 4
-    half = np.int64(1) << (MULT_BITS - 1)
     for b in range(n):
         for i in range(h):
             for s in range(2):
@@ -310,7 +334,7 @@ def _requant(  # pragma: no cover - compiled
                             v = np.int64(acc[r, k])
                             if halves:
                                 v = v * 256 + acc[rows + r, k]
-                            v = ((v + bias[k]) * mult[k] + half) >> MULT_BITS
+                            v = _round_shift(v + bias[k], mult[k], MULT_BITS)
                             dst[ch] = min(max(v, 0), 255) - 128
 
 
@@ -326,7 +350,6 @@ def _final(
     """
     q_rows = n * lh * lw
     limit = np.int64(BASE_CLAMP * 255) << PIXEL_BITS
-    half = np.int64(1) << (PIXEL_BITS - 1)
     for b in range(n):
         for y in range(8 * lh):
             for x in range(8 * lw):
@@ -339,18 +362,12 @@ def _final(
                     p = np.int64(base[q, kb]) * 65536 + (np.int64(base[q, 192 + kb]) + base[q_rows + q, kb]) * 256
                     p += base[q_rows + q, 192 + kb]
                     v = min(max(p * unit[kb] + base_bias[kb], -limit), limit)
-                    out[b, y, x, ch] = min(max((v + res + half) >> PIXEL_BITS, 0), 255)
+                    out[b, y, x, ch] = min(max(_round_shift(v + res, np.int64(1), PIXEL_BITS), 0), 255)
 
 
 def _conv(xp: Any, w: Tensor) -> Any:
-    """3x3 convolution of padded int8 ``xp`` with im2col weights ``w``: int32 ``(N*H*W) x C_out``."""
-    x = torch.from_numpy(xp)
-    n, hp, wp, c = x.shape
-    # Row (b, i, j) of im2col is three runs of 3C contiguous bytes, one per kernel row: one
-    # strided view of the padded input, copied once (several times faster than a loop here).
-    window = torch.as_strided(x, (n, hp - 2, wp - 2, 3, 3 * c), (hp * wp * c, wp * c, c, wp * c, 1))
-    cols = window.reshape(-1, 9 * c)  # the copy
-    return _mm(cols, w).numpy()
+    """3x3 convolution of padded int8 ``xp`` (numpy) with im2col weights ``w``: int32 ``(N*H*W) x C_out``."""
+    return _mm(_window(torch.from_numpy(xp)), w).numpy()
 
 
 def synthesizer(model: KLTPS, device: torch.device) -> Callable[[Tensor], Tensor]:
@@ -399,32 +416,24 @@ def quantize_conv(w: Tensor, b: Tensor, *, in_unit: float, halves: bool, out_uni
     """Quantize float64 grid weights ``w`` (``C_out x C_in x k x k``) and bias ``b`` for inputs in
     units of ``in_unit`` and outputs in units of ``out_unit``; raises ``ValueError`` if a worst-case
     sum could overflow."""
-    s = w.abs().amax(dim=(1, 2, 3)) / 127.0
-    s = torch.where(s > 0, s, torch.ones_like(s))
+    s = weight_scale(w)
     wq = torch.round(w / s[:, None, None, None])
     unit = s * in_unit
     bias = torch.round(b / unit) + (0 if halves else 128) * wq.sum(dim=(1, 2, 3))
     mult = torch.round(unit / out_unit * 2.0**MULT_BITS)
     if bool((mult <= 0).any()):
         raise ValueError(f"int8 {name}: a multiplier underflows 2**-{MULT_BITS}")
-    total = wq.abs().sum(dim=(1, 2, 3))
-    acc_max = total * (_LATENT_MAX if halves else 255) + bias.abs()
-    if float(total.max()) * 128 >= 2.0**31 or float((acc_max * mult).max()) >= 2.0**62:
-        raise ValueError(f"int8 {name}: a sum could overflow")
-    k = w.shape[-1]
     w_mat = wq.permute(2, 3, 1, 0).reshape(-1, wq.shape[0]).to(torch.int8).contiguous()
-    return QConv(w_mat, bias.long(), mult.long(), k, halves)
+    layer = QConv(w_mat, bias.long(), mult.long(), w.shape[-1], halves)
+    if float(layer.w.double().abs().sum(dim=0).max()) * 128 >= 2.0**31 or float(_rescaled_max(layer).max()) >= 2.0**62:
+        raise ValueError(f"int8 {name}: a sum could overflow")
+    return layer
 
 
-def _columns(x: Tensor, kernel: int, fill: int) -> Tensor:
-    """``N x H x W x C`` int8 -> im2col rows ``(N*H*W) x (k*k*C)``, padded with ``fill``."""
-    n, h, w, c = x.shape
-    if kernel == 1:
-        return x.reshape(-1, c)
-    xp = torch.full((n, h + 2, w + 2, c), fill, dtype=torch.int8, device=x.device)
-    xp[:, 1:-1, 1:-1] = x
-    window = torch.as_strided(xp, (n, h, w, 3, 3 * c), ((h + 2) * (w + 2) * c, (w + 2) * c, c, (w + 2) * c, 1))
-    return window.reshape(-1, 9 * c)
+def _rescaled_max(layer: QConv) -> Tensor:
+    """Per output channel, the worst case of ``|acc + B| * m`` over any input (integers over ``2**MULT_BITS``)."""
+    in_max = _LATENT_MAX if layer.halves else 255
+    return (layer.w.double().abs().sum(dim=0) * in_max + layer.bias.abs()) * layer.mult
 
 
 def accumulate(x: Tensor, w: Tensor, kernel: int, halves: bool) -> Tensor:
@@ -473,11 +482,9 @@ def small_conv_reference(
 def _hidden(acc: Any, bias: Any, mult: Any, out: Any) -> None:  # pragma: no cover - compiled
     """``acc``: ``2R x C`` int32 sums of the high and low latent halves -> ``R x C`` int8 ``a - 128``."""
     rows, c = out.shape
-    half = np.int64(1) << (MULT_BITS - 1)
     for r in range(rows):
         for k in range(c):
-            v = np.int64(acc[r, k]) * 256 + acc[rows + r, k] + bias[k]
-            v = (v * mult[k] + half) >> MULT_BITS
+            v = _round_shift(np.int64(acc[r, k]) * 256 + acc[rows + r, k] + bias[k], mult[k], MULT_BITS)
             out[r, k] = min(max(v, 0), 255) - 128
 
 
@@ -489,13 +496,12 @@ def _values(acc: Any, bias: Any, mult: Any, limit: float, shuffle: bool, out: An
     c = acc.shape[1]
     hw = acc.shape[0] // n
     w = out.shape[3] // 2 if shuffle else out.shape[3]
-    half = np.int64(1) << (MULT_BITS - 1)
     scale = 2.0**-VALUE_BITS
     for b in range(n):
         for k in range(c):  # channel by channel: contiguous writes, strided reads (faster here)
             bk, mk = bias[k], mult[k]
             for p in range(hw):
-                v = ((np.int64(acc[b * hw + p, k]) + bk) * mk + half) >> MULT_BITS
+                v = _round_shift(np.int64(acc[b * hw + p, k]) + bk, mk, MULT_BITS)
                 x = min(max(v * scale, -limit), limit)
                 if shuffle:
                     out[b, k >> 2, 2 * (p // w) + ((k >> 1) & 1), 2 * (p % w) + (k & 1)] = x
@@ -504,8 +510,10 @@ def _values(acc: Any, bias: Any, mult: Any, limit: float, shuffle: bool, out: An
 
 
 def small_conv(x: Tensor, first: QConv, second: QConv, *, limit: float = math.inf, shuffle: bool = False) -> Tensor:
-    """:func:`small_conv_reference` on CPU: numba kernels around two int8 products, the output
-    clamped to +-``limit``.  ``shuffle``: a 2x pixel shuffle after each layer (the hyper-synthesis)."""
+    """:func:`small_conv_reference`, on CPU as numba kernels around two int8 products (other devices
+    run the reference itself).  ``shuffle``: a 2x pixel shuffle after each layer (the hyper-synthesis)."""
+    if x.device.type != "cpu":
+        return small_conv_reference(x, first, second, limit=limit, shuffle=shuffle)
     y = np.ascontiguousarray(x.numpy())
     n, c, h, w = y.shape
     width = first.w.shape[1]

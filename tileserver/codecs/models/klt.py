@@ -46,7 +46,7 @@ from compressai.entropy_models import EntropyBottleneck, GaussianConditional
 from torch import Tensor, nn
 
 from .factorized import FactorizedPrior, _SubPixel, _to_grid
-from .int8 import LATENT_FRAC_BITS
+from .int8 import LATENT_FRAC_BITS, weight_scale
 
 __all__ = [
     "ACT_BITS",
@@ -205,7 +205,7 @@ class KLTPS(FactorizedPrior, nn.Module):
         if not quant:
             out: Tensor = conv(x)
             return out
-        return F.conv2d(x, _fake_quant(conv.weight, _int8_scale(conv.weight)), conv.bias, padding=conv.padding)
+        return F.conv2d(x, _fake_quant_weight(conv.weight), conv.bias, padding=conv.padding)
 
     def _act_q(self, x: Tensor, buffer: str, i: int) -> Tensor:
         """A ReLU output: its maximum recorded (calibration), or rounded to uint8 on ``[0, max]``."""
@@ -330,9 +330,9 @@ class KLTPS(FactorizedPrior, nn.Module):
         return run
 
 
-def _int8_scale(w: Tensor) -> Tensor:
-    """Per-output-channel int8 scale of a weight (``max |w| / 127``), as ``int8.quantize_conv`` uses."""
-    return (w.detach().abs().amax(dim=(1, 2, 3), keepdim=True) / 127.0).clamp(min=1e-12)
+def _fake_quant_weight(w: Tensor) -> Tensor:
+    """``w`` rounded to int8 per output channel as ``int8.quantize_conv`` rounds it (straight-through)."""
+    return _fake_quant(w, weight_scale(w)[:, None, None, None])
 
 
 def _fake_quant(x: Tensor, unit: Tensor | float) -> Tensor:
@@ -566,11 +566,7 @@ class KLTHyper(KLTPS):
         l1, l2 = l1.to(device), l2.to(device)
 
         def run(z_hat: Tensor) -> tuple[Tensor, Tensor]:
-            z = z_hat.double()
-            if z.device.type == "cpu":
-                p = q8.small_conv(z, l1, l2, shuffle=True)
-            else:
-                p = q8.small_conv_reference(z, l1, l2, shuffle=True)
+            p = q8.small_conv(z_hat.double(), l1, l2, shuffle=True)
             return p[:, : self.M], p[:, self.M :]
 
         return run
