@@ -6,9 +6,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
 
-from ..conftest import PATCHES
+from .conftest import as_batch, crops_of
 
 torch = pytest.importorskip("torch")
 
@@ -19,25 +18,19 @@ from tileserver.codecs.neural import NeuralCodec, save_weights  # noqa: E402
 
 pytestmark = pytest.mark.shared_data
 
-PATCH = PATCHES / "tissue" / "TissueImageAnalytics+tiatoolbox__target_image.png"
 ARGS = {"M": 24, "N": 8, "widths": [8, 8], "step": 0.08, "H": 8}
 CTX = {"slices": [3, 9], "checkerboard": 2, "ctx_width": 8}
-
-
-@pytest.fixture(scope="module")
-def image() -> np.ndarray:
-    return np.asarray(Image.open(PATCH).convert("RGB"))
 
 
 def _hyper(image: np.ndarray) -> torch.nn.Module:
     """A KLT-started hyperprior whose Gaussians vary (random hyper-synthesis)."""
     torch.manual_seed(0)
     model = build("klt-hp8", **ARGS)
-    crops = np.stack([image[y : y + 64, x : x + 64] for y in (0, 128, 256) for x in (0, 192, 320)])
+    crops = crops_of(image)
     mean, basis, _ = fit_klt(image_blocks(crops))
     model.init_klt(mean, basis)
     with torch.no_grad():
-        x = torch.from_numpy(crops).permute(0, 3, 1, 2).float() / 255.0
+        x = as_batch(crops)
         model.init_prior(model.g_a(x))
         torch.nn.init.normal_(model.h_s2.weight, std=0.02)
     return model

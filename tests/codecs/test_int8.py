@@ -10,9 +10,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
 
-from ..conftest import PATCHES
+from .conftest import as_batch, crops_of
 
 torch = pytest.importorskip("torch")
 
@@ -22,18 +21,7 @@ from tileserver.codecs.models.klt import KLTPS, fit_klt, image_blocks  # noqa: E
 
 pytestmark = pytest.mark.shared_data
 
-PATCH = PATCHES / "tissue" / "TissueImageAnalytics+tiatoolbox__target_image.png"
 ARGS = {"M": 24, "N": 8, "widths": [12, 8], "step": 0.08}
-
-
-@pytest.fixture(scope="module")
-def crops() -> np.ndarray:
-    img = np.asarray(Image.open(PATCH).convert("RGB"))
-    return np.stack([img[y : y + 64, x : x + 64] for y in (0, 128, 256) for x in (0, 192, 320)])
-
-
-def _x(crops: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(crops).permute(0, 3, 1, 2).float() / 255.0
 
 
 @pytest.fixture(scope="module")
@@ -48,14 +36,14 @@ def model(crops: np.ndarray) -> KLTPS:
         for stage in m.g_s:
             torch.nn.init.normal_(stage.conv.weight, std=0.05)
             torch.nn.init.normal_(stage.bias, std=0.02)
-        m.calibrate_int8_(_x(crops))
+        m.calibrate_int8_(as_batch(crops))
     m.eval()
     return m
 
 
 def _latents(model: KLTPS, crops: np.ndarray) -> torch.Tensor:
     with torch.no_grad():
-        y = model.g_a(_x(crops)).double()
+        y = model.g_a(as_batch(crops)).double()
     # Latents as the context coder produces them: integers plus means on the 2**-10 grid.
     return torch.round(y) + torch.round(torch.rand_like(y) * 1024) / 1024
 
@@ -143,7 +131,7 @@ def test_older_models_keep_their_config_and_state() -> None:
 @pytest.mark.parametrize("flags", [{"int8": True}, {"int8_entropy": True}, {"int8": True, "int8_entropy": True}])
 def test_each_integer_option_calibrates_and_trains_alone(flags: dict[str, bool], image: np.ndarray) -> None:
     model = build("klt-cx8", **CTX, **flags)
-    x = _x(np.stack([image[:64, :64], image[64:128, 64:128]]))
+    x = as_batch(np.stack([image[:64, :64], image[64:128, 64:128]]))
     model.calibrate_int8_(x)
     assert model._int8_ready()
     expected = {"int8_act_max"} if flags.get("int8") else set()
@@ -159,25 +147,20 @@ def test_each_integer_option_calibrates_and_trains_alone(flags: dict[str, bool],
 CTX = {"M": 24, "N": 8, "widths": [8, 8], "step": 0.08, "H": 8, "slices": [3, 9], "checkerboard": 2, "ctx_width": 8}
 
 
-@pytest.fixture(scope="module")
-def image() -> np.ndarray:
-    return np.asarray(Image.open(PATCH).convert("RGB"))
-
-
 def _q8_context(image: np.ndarray) -> torch.nn.Module:
     """A KLT-started klt-cx8 decoded in integers throughout, with random (non-zero) entropy layers."""
     torch.manual_seed(3)
     model = build("klt-cx8", **CTX, int8=True, int8_entropy=True)
-    crops = np.stack([image[y : y + 64, x : x + 64] for y in (0, 128, 256) for x in (0, 192, 320)])
+    crops = crops_of(image)
     mean, basis, _ = fit_klt(image_blocks(crops))
     model.init_klt(mean, basis)
     with torch.no_grad():
-        model.init_prior(model.g_a(_x(crops)))
+        model.init_prior(model.g_a(as_batch(crops)))
         torch.nn.init.normal_(model.h_s2.weight, std=0.02)
         for conv in model.ctx_out:
             torch.nn.init.normal_(conv.weight, std=0.05)
             torch.nn.init.normal_(conv.bias, std=0.05)
-    model.calibrate_int8_(_x(np.stack([image[y : y + 128, x : x + 128] for y in (0, 256) for x in (0, 256)])))
+    model.calibrate_int8_(as_batch(np.stack([image[y : y + 128, x : x + 128] for y in (0, 256) for x in (0, 256)])))
     model.eval()
     return model
 
@@ -226,7 +209,7 @@ def test_integer_entropy_model_codes_what_training_estimates(image: np.ndarray, 
     codec = NeuralCodec(1, weights_dir=tmp_path)
     tile = np.ascontiguousarray(image[:256, :192])
     with torch.no_grad():
-        estimate = float(-torch.log2(model(_x(tile[None]))["likelihoods"]).sum()) / 8
+        estimate = float(-torch.log2(model(as_batch(tile[None]))["likelihoods"]).sum()) / 8
     blob = codec.encode(tile)
     assert abs(len(blob) - estimate) < 0.03 * estimate + 64
     out = codec.decode(blob)

@@ -6,9 +6,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
 
-from ..conftest import PATCHES
+from .conftest import as_batch
 
 torch = pytest.importorskip("torch")
 
@@ -17,35 +16,23 @@ from tileserver.codecs.models.klt import KLTPS, SCALE_LOG_TABLE, KLTHyper, fit_k
 
 pytestmark = pytest.mark.shared_data
 
-PATCH = PATCHES / "tissue" / "TissueImageAnalytics+tiatoolbox__target_image.png"
 
-
-@pytest.fixture(scope="module")
-def tiles() -> np.ndarray:
-    img = np.asarray(Image.open(PATCH).convert("RGB"))
-    return np.stack([img[y : y + 64, x : x + 64] for y in (0, 128, 256) for x in (0, 192, 320)])
-
-
-def _x(tiles: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(tiles).permute(0, 3, 1, 2).float() / 255.0
-
-
-def test_complete_klt_start_reconstructs_exactly(tiles: np.ndarray) -> None:
-    mean, basis, var = fit_klt(image_blocks(tiles))
+def test_complete_klt_start_reconstructs_exactly(crops: np.ndarray) -> None:
+    mean, basis, var = fit_klt(image_blocks(crops))
     assert np.all(np.diff(var) <= 1e-12)  # falling variance
     model = build("klt-ps8", M=192, N=8, widths=[8, 8], step=0.1)
     assert isinstance(model, KLTPS)
     model.init_klt(mean, basis)
     with torch.no_grad():
-        x = _x(tiles)
+        x = as_batch(crops)
         out = model.synthesize(model.g_a(x))
     assert float((out - x).abs().max()) < 1e-4
 
 
-def test_truncated_klt_start_is_the_linear_optimum(tiles: np.ndarray) -> None:
+def test_truncated_klt_start_is_the_linear_optimum(crops: np.ndarray) -> None:
     # With M < 192 the start must equal projecting each 8x8 block on the top M
     # principal directions; a wrong reshape anywhere would not.
-    blocks = image_blocks(tiles)
+    blocks = image_blocks(crops)
     mean, basis, _ = fit_klt(blocks)
     m = 24
     proj = (blocks - mean) @ basis[:, :m] @ basis[:, :m].T + mean
@@ -53,32 +40,32 @@ def test_truncated_klt_start_is_the_linear_optimum(tiles: np.ndarray) -> None:
     assert isinstance(model, KLTPS)
     model.init_klt(mean, basis)
     with torch.no_grad():
-        out = model.synthesize(model.g_a(_x(tiles))).permute(0, 2, 3, 1).double().numpy()
+        out = model.synthesize(model.g_a(as_batch(crops))).permute(0, 2, 3, 1).double().numpy()
     got = image_blocks(out * 255.0)  # back to blocks, same ordering
     assert np.allclose(got, proj, atol=1e-4)
-    err_model = float(np.mean((out - _x(tiles).permute(0, 2, 3, 1).numpy()) ** 2))
+    err_model = float(np.mean((out - as_batch(crops).permute(0, 2, 3, 1).numpy()) ** 2))
     err_linear = float(np.mean((proj - blocks) ** 2))
     assert err_model == pytest.approx(err_linear, rel=1e-3)
     assert err_linear > 1e-5  # the truncation really loses something
 
 
 @pytest.mark.parametrize("arch", ["klt-ps8", "klt-hp8"])
-def test_exact_synthesis_follows_the_float_synthesis(arch: str, tiles: np.ndarray) -> None:
+def test_exact_synthesis_follows_the_float_synthesis(arch: str, crops: np.ndarray) -> None:
     torch.manual_seed(0)
     model = build(arch, M=16, N=8, widths=[8, 8], step=0.1)
-    mean, basis, _ = fit_klt(image_blocks(tiles))
+    mean, basis, _ = fit_klt(image_blocks(crops))
     model.init_klt(mean, basis)
     with torch.no_grad():
         for stage in model.g_s:
             torch.nn.init.normal_(stage.conv.weight, std=0.02)
-        y = torch.round(model.g_a(_x(tiles)))
+        y = torch.round(model.g_a(as_batch(crops)))
         ref = torch.round(model.synthesize(y).clamp(0, 1) * 255.0)
     exact = model.exact_synthesizer(torch.device("cpu"))(y.double()).double()
     assert float((exact - ref).abs().max()) <= 1.0
     assert len(torch.unique(exact)) > 50
 
 
-def test_exact_scale_indexes_agree_with_compressai(tiles: np.ndarray) -> None:
+def test_exact_scale_indexes_agree_with_compressai(crops: np.ndarray) -> None:
     torch.manual_seed(0)
     model = build("klt-hp8", M=16, N=8, widths=[8, 8], step=0.1, H=8)
     assert isinstance(model, KLTHyper)
