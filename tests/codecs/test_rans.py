@@ -75,3 +75,27 @@ def test_damaged_streams_fail_cleanly(tables: tuple[list[list[int]], list[int], 
             pass
     with pytest.raises(ValueError, match="outside the CDF tables"):
         RansStream(data).decode(np.array([len(cdfs)], dtype=np.int32), t)
+
+
+_FIRST_DECODE_IN_CHILD = """
+import numpy as np
+from compressai.ans import RansEncoder
+from tileserver.codecs.rans import RansStream, Tables, _decode, warm_up
+warm_up()
+compiled = len(_decode.signatures)
+cdfs, lengths, offsets = [[0, 30000, 65536]], [3], [0]
+data = RansEncoder().encode_with_indexes([0, 0, 0], [0, 0, 0], cdfs, lengths, offsets)
+RansStream(data).decode(np.zeros(3, dtype=np.int32), Tables(cdfs, lengths, offsets))
+print(compiled, len(_decode.signatures))
+"""
+
+
+def test_warm_up_compiles_what_decoding_uses() -> None:
+    # A fresh process: the warm-up at model load must leave nothing to compile in the first request.
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-c", _FIRST_DECODE_IN_CHILD], capture_output=True, text=True, timeout=300, check=True
+    )
+    assert done.stdout.split() == ["1", "1"]

@@ -147,14 +147,6 @@ class RansStream:
 
 
 def warm_up() -> None:
-    """Compile the decoder (or load it from numba's cache) now rather than in the first request."""
-    _decode(
-        np.zeros(2, dtype="<u4"),
-        2,
-        np.uint64(1 << 31),
-        np.zeros(0, dtype=np.int32),
-        np.zeros((1, 2), dtype=np.int32),
-        np.full(1, 2, dtype=np.int32),
-        np.zeros(1, dtype=np.int32),
-        np.zeros(0, dtype=np.int32),
-    )
+    """Compile the decoder now rather than in the first request: through :class:`RansStream`, so
+    with the argument types decoding passes (its words are a read-only view of the tile's bytes)."""
+    RansStream(bytes(8)).decode(np.zeros(0, dtype=np.int32), Tables([[0, 1 << _PRECISION]], [2], [0]))
