@@ -356,7 +356,10 @@ class _Context(_Hyperprior):
     """
 
     def __init__(self, model: Any, device: Any) -> None:
+        from .models.context import warm_up
+
         super().__init__(model, device)
+        warm_up()  # the book-keeping kernels, compiled now rather than in the first request
         self.passes = model.passes()
         self.context = model.exact_context(device)
         self._positions: dict[tuple[int, int], dict[bool | None, Any]] = {}
@@ -458,15 +461,9 @@ class _Model:
         else:
             self.coder = _Factorized(model.entropy_bottleneck, model.M)
         self.synthesize = model.exact_synthesizer(self.device)
-        # Compile the numba kernels now rather than in the first request.
-        from .models import context, int8
         from .rans import warm_up
 
         warm_up()
-        if isinstance(self.coder, _Context):
-            context.warm_up()
-        if getattr(model, "int8_entropy", False):
-            int8.warm_up()
 
 
 @register("neural")

@@ -67,7 +67,6 @@ __all__ = [
     "small_conv",
     "small_conv_reference",
     "synthesizer",
-    "warm_up",
     "weight_scale",
 ]
 
@@ -539,22 +538,3 @@ def small_conv(x: Tensor, first: QConv, second: QConv, *, limit: float = math.in
 def latent_nhwc(x: Tensor) -> Tensor:
     """Float64 ``N x C x H x W`` -> int16 latent-grid values as int64, ``N x H x W x C``."""
     return _latent_int(x).permute(0, 2, 3, 1)
-
-
-def warm_up() -> None:
-    """Compile the entropy layers' kernels now rather than in the first request."""
-    first = QConv(
-        torch.zeros(9, 4, dtype=torch.int8),
-        torch.zeros(4, dtype=torch.int64),
-        torch.ones(4, dtype=torch.int64),
-        3,
-        True,
-    )
-    second = QConv(
-        torch.zeros(4, 4, dtype=torch.int8),
-        torch.zeros(4, dtype=torch.int64),
-        torch.ones(4, dtype=torch.int64),
-        1,
-        False,
-    )
-    small_conv(torch.zeros(1, 1, 2, 2, dtype=torch.float64), first, second, shuffle=False)

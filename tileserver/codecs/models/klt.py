@@ -569,6 +569,8 @@ class KLTHyper(KLTPS):
             p = q8.small_conv(z_hat.double(), l1, l2, shuffle=True)
             return p[:, : self.M], p[:, self.M :]
 
+        # Compile the kernels now, not in a request (the context's layers use the same ones).
+        run(torch.zeros(1, self.H, 1, 1, dtype=torch.float64, device=device))
         return run
 
     def exact_hyper(self, device: torch.device) -> Callable[[Tensor], tuple[Tensor, Tensor]]:
