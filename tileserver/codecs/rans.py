@@ -18,7 +18,7 @@ Every read is bounds-checked: a damaged stream yields ``CorruptTile``, never a r
 past its buffer (CompressAI's decoder does not check, hence the zero padding the
 neural codec used to add).  Encoding stays CompressAI's (it is offline).
 
-Compiled at model load (:func:`warm_up`, about 0.7 s) and not cached on disk: a
+Compiled at model load (:func:`warm_up`, about 1 s with numba's import) and not cached on disk: a
 read-only install or a user without a home directory must not break decoding.
 """
 

@@ -1,7 +1,7 @@
 """Integer decoding for the KLT coders: int8 x int8 -> int32 products, integer rescaling, exact everywhere.
 
 The float64 exact decoder (``klt.py``, ``context.py``) spent 14 of a q3 tile's 24 ms of
-decoding in the synthesis and most of the rest in the hyper-synthesis and context
+decoding in the synthesis and about half of the rest in the hyper-synthesis and context
 networks: float64 is the slowest arithmetic a CPU has.  A model built with ``int8 = true``
 decodes its synthesis with integers instead, and with ``int8_entropy = true`` its
 hyper-synthesis and context networks too: every convolution is an int8 matrix product with
