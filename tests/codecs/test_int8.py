@@ -201,6 +201,43 @@ def test_entropy_layers_equal_their_reference(image: np.ndarray) -> None:
         assert g[0].shape == (2, hi - lo, 6, 7) and bool(g[0].abs().sum() > 0)
 
 
+@pytest.mark.parametrize("shape", [(6, 7), (1, 1), (4, 9)])
+def test_fused_passes_equal_the_generic_passes(image: np.ndarray, shape: tuple[int, int]) -> None:
+    # Int8Passes (CPU: residuals kept as int8 halves, context only where a pass codes, sums
+    # straight to Gaussians) must give every symbol the Gaussian FloatPasses gives it over the
+    # same int8 context: both walk the same passes with the same symbols, extreme ones included.
+    from tileserver.codecs.models.context import FloatPasses, Int8Passes, anchor_mask
+
+    model = _q8_context(image)
+    cpu = torch.device("cpu")
+    h, w = shape
+    fused = model.pass_coder(cpu)(h, w)
+    generic = FloatPasses(model.exact_context(cpu), model.M, h, w, cpu)
+    assert isinstance(fused, Int8Passes)
+    rng = np.random.default_rng(7)
+    means = np.round(rng.normal(0, 4, (model.M, h * w)) * 2**10) / 2**10
+    logs = np.round(rng.normal(0, 2, (model.M, h * w)) * 2**10) / 2**10
+    anchors = anchor_mask(h, w).reshape(-1).numpy()
+    positions = {True: np.flatnonzero(anchors), False: np.flatnonzero(~anchors), None: np.arange(h * w)}
+    y_fused, y_generic = np.full((2, model.M, h * w), np.nan)
+    spread = 0
+    for k, lo, hi, where in model.passes():
+        pos = positions[where]
+        got = [(np.empty((hi - lo, len(pos))), np.empty((hi - lo, len(pos)), np.int32)) for _ in range(2)]
+        fused.gaussians(k, lo, hi, where, pos, means, logs, *got[0])
+        generic.gaussians(k, lo, hi, where, pos, means, logs, *got[1])
+        assert np.array_equal(got[0][0], got[1][0]) and np.array_equal(got[0][1], got[1][1])
+        spread += len(np.unique(got[0][1]))
+        symbols = rng.integers(-60, 60, (hi - lo) * len(pos)).astype(np.int32)
+        symbols[:3] = [300, -300, 0][: len(symbols)]  # residuals beyond the int16 latent grid's clamp
+        mu = got[0][0]
+        fused.update(symbols, mu, means, lo, pos, y_fused)
+        generic.update(symbols, mu, means, lo, pos, y_generic)
+    assert np.array_equal(y_fused, y_generic) and not np.isnan(y_fused).any()
+    if h * w > 1:
+        assert spread > 2 * len(model.passes())  # the corrections moved the scale indexes about
+
+
 def test_integer_entropy_model_codes_what_training_estimates(image: np.ndarray, tmp_path: Path) -> None:
     from tileserver.codecs.neural import NeuralCodec, save_weights
 

@@ -361,7 +361,7 @@ class _Context(_Hyperprior):
         super().__init__(model, device)
         warm_up()  # the book-keeping kernels, compiled now rather than in the first request
         self.passes = model.passes()
-        self.context = model.exact_context(device)
+        self.pass_coder = model.pass_coder(device)
         self._positions: dict[tuple[int, int], dict[bool | None, Any]] = {}
 
     def positions(self, h: int, w: int) -> dict[bool | None, Any]:
@@ -379,33 +379,26 @@ class _Context(_Hyperprior):
         """Walk the passes; ``symbols_for(pass, indexes, means)`` returns each pass's int32 symbols.
 
         ``indexes`` (int32) and ``means`` (float64) are numpy arrays ``channels x positions``;
-        returns the decoded latent ``M x h x w`` (float64).  The per-symbol book-keeping is
-        compiled (``pass_gaussians``, ``pass_update``: the numpy arithmetic's exact twins).
+        returns the decoded latent ``M x h x w`` (float64).  The model's pass coder
+        (``context.Passes``) computes each pass's Gaussians and keeps what the context reads.
         """
         import torch
 
-        from .models.context import hyper_mean_clamped, pass_gaussians, pass_update
+        from .models.context import hyper_mean_clamped
 
         means_t, log_scales_t = self.hyper_params(torch.from_numpy(z_hat)[None].to(self.device))
         means = np.ascontiguousarray(hyper_mean_clamped(means_t[0, :, :h, :w]).reshape(self.M, h * w).cpu().numpy())
         log_scales = np.ascontiguousarray(log_scales_t[0, :, :h, :w].reshape(self.M, h * w).cpu().numpy())
         positions = self.positions(h, w)
         y_hat = np.empty_like(means)
-        residual = np.zeros((self.M, h * w))  # zero until decoded: what the context may read
+        state = self.pass_coder(h, w)
         for n, (k, lo, hi, where) in enumerate(self.passes):
-            own = None
-            if where is False:
-                own = torch.from_numpy(residual[lo:hi]).reshape(1, hi - lo, h, w).to(self.device)
-            prev = torch.from_numpy(residual[:lo]).reshape(1, lo, h, w).to(self.device)
-            d_mean, d_log = (
-                np.ascontiguousarray(t[0].reshape(hi - lo, h * w).cpu().numpy()) for t in self.context(k, prev, own)
-            )
             pos = positions[where]
             mu = np.empty((hi - lo, len(pos)))
             indexes = np.empty((hi - lo, len(pos)), dtype=np.int32)
-            pass_gaussians(means, log_scales, d_mean, d_log, lo, pos, mu, indexes)
+            state.gaussians(k, lo, hi, where, pos, means, log_scales, mu, indexes)
             symbols = np.ascontiguousarray(symbols_for(n, indexes, mu), dtype=np.int32).reshape(-1)
-            pass_update(symbols, mu, means, lo, pos, y_hat, residual)
+            state.update(symbols, mu, means, lo, pos, y_hat)
         return y_hat.reshape(self.M, h, w)
 
     def encode(self, encoder: Any, y: Any) -> bytes:

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Protocol
 
 import numba
 import numpy as np
@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .factorized import _to_grid
-from .int8 import LATENT_FRAC_BITS
+from .int8 import _LATENT_MAX, LATENT_FRAC_BITS, MULT_BITS, VALUE_BITS, QConv, _round_shift
 from .klt import (
     _A_MAX,
     ACT_BITS,
@@ -57,7 +57,10 @@ from .klt import (
 
 __all__ = [
     "CORRECTION_MAX",
+    "FloatPasses",
+    "Int8Passes",
     "KLTContext",
+    "Passes",
     "anchor_mask",
     "grid_residual",
     "hyper_mean_clamped",
@@ -295,13 +298,10 @@ class KLTContext(KLTHyper):
         if self.int8_entropy:
             self._int8_context(torch.device("cpu"))
 
-    def _int8_context(self, device: torch.device) -> Callable[[int, Tensor, Tensor | None], tuple[Tensor, Tensor]]:
-        """:meth:`exact_context` in integers (``int8.py``): residuals on the int16 latent grid,
-        int8 products, the hidden layer on uint8, corrections on the ``2**-VALUE_BITS`` grid.
-
-        The float path's split of the 3x3 layer by input becomes a choice of rows: the anchor
-        pass reads the earlier slices only, the other passes the earlier slices and this one's
-        anchors as one input."""
+    def _int8_context_layers(self) -> dict[int, tuple[QConv, QConv, QConv]]:
+        """Per slice with a context: its 3x3 layer's rows for the earlier slices alone (the anchor
+        and whole-slice passes' input), the whole 3x3 layer (the other passes': the earlier slices
+        and this slice's anchors as one input), and the 1x1 layer; CPU tensors."""
         from . import int8 as q8
 
         if not self._int8_ready():
@@ -318,11 +318,23 @@ class KLTContext(KLTHyper):
             out = q8.quantize_conv(
                 w_out, b_out, in_unit=unit, halves=False, out_unit=2.0**-q8.VALUE_BITS, name=f"ctx_out.{k}"
             )
-            # The anchor pass reads only the earlier slices: their rows of the 3x3 layer, with the
-            # same per-channel scale, bias and multiplier (any partial sum is exact).
+            # The earlier slices' rows, with the same per-channel scale, bias and multiplier
+            # (any partial sum is exact).
             prev_rows = first.w.reshape(3, 3, -1, first.w.shape[1])[:, :, : self.bounds[k]]
             prev = q8.QConv(prev_rows.reshape(-1, first.w.shape[1]).contiguous(), first.bias, first.mult, 3, True)
-            layers[k] = (prev.to(device), first.to(device), out.to(device))
+            layers[k] = (prev, first, out)
+        return layers
+
+    def _int8_context(self, device: torch.device) -> Callable[[int, Tensor, Tensor | None], tuple[Tensor, Tensor]]:
+        """:meth:`exact_context` in integers (``int8.py``): residuals on the int16 latent grid,
+        int8 products, the hidden layer on uint8, corrections on the ``2**-VALUE_BITS`` grid.
+
+        The float path's split of the 3x3 layer by input becomes a choice of rows: the anchor
+        pass reads the earlier slices only, the other passes the earlier slices and this one's
+        anchors as one input."""
+        from . import int8 as q8
+
+        layers = {k: tuple(q.to(device) for q in qs) for k, qs in self._int8_context_layers().items()}
 
         def run(k: int, prev: Tensor, own: Tensor | None) -> tuple[Tensor, Tensor]:
             c = self.bounds[k + 1] - self.bounds[k]
@@ -335,6 +347,17 @@ class KLTContext(KLTHyper):
             return d[:, :c], d[:, c:]
 
         return run
+
+    def pass_coder(self, device: torch.device) -> Callable[[int, int], Passes]:
+        """``(h, w) ->`` a fresh :class:`Passes` for one ``h x w`` latent: what the entropy coder
+        calls pass by pass.  :class:`Int8Passes` for an ``int8_entropy`` model on CPU (the same
+        values, fused and computed only where a pass codes), else :class:`FloatPasses`."""
+        if self.int8_entropy and device.type == "cpu":
+            layers = self._int8_context_layers()
+            Int8Passes.warm_up()
+            return lambda h, w: Int8Passes(layers, self.bounds, h, w)
+        context = self.exact_context(device)
+        return lambda h, w: FloatPasses(context, self.M, h, w, device)
 
 
 def _bias_only(b: Tensor | None, x: Tensor) -> Tensor:
@@ -406,3 +429,177 @@ def warm_up() -> None:
     mu, indexes = np.empty((1, 2)), np.empty((1, 2), dtype=np.int32)
     pass_gaussians(grid, grid, grid, grid, 0, pos, mu, indexes)
     pass_update(np.zeros(2, dtype=np.int32), mu, grid, 0, pos, grid.copy(), grid.copy())
+
+
+# -- a latent's passes, as the entropy coder walks them ---------------------------------------------
+#
+# The coder (``neural.py``) asks a ``Passes`` object, pass by pass, for the Gaussians of the symbols
+# that pass codes, then hands back the symbols.  ``means`` and ``log_scales`` are the hyper-synthesis's
+# (``M x h*w`` float64, means clamped by ``hyper_mean_clamped``); ``pos`` the pass's flat positions.
+
+
+class Passes(Protocol):
+    """One latent's context state between passes."""
+
+    def gaussians(
+        self, k: int, lo: int, hi: int, where: bool | None, pos: Any, means: Any, log_scales: Any, mu: Any, indexes: Any
+    ) -> None:
+        """Slice ``k``'s (channels ``lo..hi``) means into ``mu`` and scale indexes into ``indexes``
+        (``(hi - lo) x len(pos)``) at positions ``pos``: the hyper-synthesis's plus the context's
+        correction from everything decoded so far."""
+
+    def update(self, symbols: Any, mu: Any, means: Any, lo: int, pos: Any, y_hat: Any) -> None:
+        """Record a pass's decoded latents (flat int32 ``symbols`` + ``mu``) in ``y_hat`` (``M x h*w``)
+        and in what later passes' context reads."""
+
+
+class FloatPasses:
+    """Any device, any exact context (``exact_context``): residuals kept as float64 on the
+    activation grid, the context network run at every position of each pass."""
+
+    def __init__(
+        self,
+        context: Callable[[int, Tensor, Tensor | None], tuple[Tensor, Tensor]],
+        m: int,
+        h: int,
+        w: int,
+        device: torch.device,
+    ) -> None:
+        self.context, self.h, self.w, self.device = context, h, w, device
+        self.residual = np.zeros((m, h * w))  # zero until decoded: what the context may read
+
+    def gaussians(
+        self, k: int, lo: int, hi: int, where: bool | None, pos: Any, means: Any, log_scales: Any, mu: Any, indexes: Any
+    ) -> None:
+        shape = (self.h, self.w)
+        own = None
+        if where is False:
+            own = torch.from_numpy(self.residual[lo:hi]).reshape(1, hi - lo, *shape).to(self.device)
+        prev = torch.from_numpy(self.residual[:lo]).reshape(1, lo, *shape).to(self.device)
+        d_mean, d_log = (
+            np.ascontiguousarray(t[0].reshape(hi - lo, -1).cpu().numpy()) for t in self.context(k, prev, own)
+        )
+        pass_gaussians(means, log_scales, d_mean, d_log, lo, pos, mu, indexes)
+
+    def update(self, symbols: Any, mu: Any, means: Any, lo: int, pos: Any, y_hat: Any) -> None:
+        pass_update(symbols, mu, means, lo, pos, y_hat, self.residual)
+
+
+class Int8Passes:
+    """The int8 context on CPU, fused: the same integers as :class:`FloatPasses` over the int8
+    context (tested bit-equal), with less work.
+
+    * The residuals live as the int8 halves of their int16 latent-grid values, padded
+      (``2 x h+2 x w+2 x M``), written by :func:`_update_q8` as each pass decodes: the form the
+      context's first layer multiplies, so no pass converts them again.
+    * A pass's context runs only at the positions it codes (half of them in a checkerboard
+      pass): :func:`_window_q8` gathers those rows of the 3x3 window.
+    * The second layer's int32 sums go straight to means and scale indexes
+      (:func:`_gaussians_q8`), with no float64 correction maps in between.
+    """
+
+    def __init__(self, layers: dict[int, tuple[QConv, QConv, QConv]], bounds: list[int], h: int, w: int) -> None:
+        self.layers, self.w = layers, w
+        self.planes = np.zeros((2, h + 2, w + 2, bounds[-1]), np.int8)
+
+    def gaussians(
+        self, k: int, lo: int, hi: int, where: bool | None, pos: Any, means: Any, log_scales: Any, mu: Any, indexes: Any
+    ) -> None:
+        from .int8 import _hidden, _mm
+
+        c = hi - lo
+        if not len(pos):  # a 1x1 latent's second checkerboard pass
+            return
+        if k not in self.layers:  # no context: the hyper-synthesis's Gaussians
+            zero = np.zeros((c, means.shape[1]))
+            pass_gaussians(means, log_scales, zero, zero, lo, pos, mu, indexes)
+            return
+        only_prev, both, out = self.layers[k]
+        first, c_in = (both, hi) if where is False else (only_prev, lo)
+        width = first.w.shape[1]
+        if c_in:
+            rows = np.empty((2, len(pos), 9 * c_in), np.int8)
+            _window_q8(self.planes, c_in, pos, self.w, rows)
+            acc = _mm(torch.from_numpy(rows.reshape(2 * len(pos), -1)), first.w).numpy()
+        else:  # nothing decoded yet: the layer is its bias
+            acc = np.zeros((2 * len(pos), width), np.int32)
+        hidden = np.empty((len(pos), width), np.int8)
+        _hidden(acc, first.bias.numpy(), first.mult.numpy(), hidden)
+        acc = _mm(torch.from_numpy(hidden), out.w).numpy()
+        _gaussians_q8(acc, out.bias.numpy(), out.mult.numpy(), means, log_scales, lo, pos, mu, indexes)
+
+    def update(self, symbols: Any, mu: Any, means: Any, lo: int, pos: Any, y_hat: Any) -> None:
+        _update_q8(symbols, mu, means, lo, pos, self.w, y_hat, self.planes)
+
+    @staticmethod
+    def warm_up() -> None:
+        """Compile the kernels now rather than in the first request."""
+        planes = np.zeros((2, 3, 3, 1), np.int8)
+        pos = np.zeros(1, np.int64)
+        rows = np.empty((2, 1, 9), np.int8)
+        _window_q8(planes, 1, pos, 1, rows)
+        acc, vec = np.zeros((1, 2), np.int32), np.zeros(2, np.int64)
+        grid, mu, indexes = np.zeros((1, 1)), np.empty((1, 1)), np.empty((1, 1), np.int32)
+        _gaussians_q8(acc, vec, vec, grid, grid, 0, pos, mu, indexes)
+        _update_q8(np.zeros(1, np.int32), mu, grid, 0, pos, 1, grid.copy(), planes)
+
+
+@numba.njit(cache=False, nogil=True)
+def _window_q8(planes: Any, c_in: int, pos: Any, w: int, rows: Any) -> None:  # pragma: no cover - compiled
+    """The 3x3 window rows (kernel row, kernel column, channel) of channels ``0..c_in`` of padded
+    ``planes`` (``2 x h+2 x w+2 x M``) at flat positions ``pos``, into ``rows``: ``2 x len(pos) x 9c_in``."""
+    for half in range(2):
+        for t in range(pos.shape[0]):
+            i, j = pos[t] // w, pos[t] % w
+            col = 0
+            for di in range(3):
+                for dj in range(3):
+                    src = planes[half, i + di, j + dj]
+                    for ch in range(c_in):
+                        rows[half, t, col + ch] = src[ch]
+                    col += c_in
+
+
+@numba.njit(cache=False, nogil=True)
+def _gaussians_q8(
+    acc: Any, bias: Any, mult: Any, means: Any, log_scales: Any, lo: int, pos: Any, mu: Any, indexes: Any
+) -> None:  # pragma: no cover - compiled
+    """``pass_gaussians`` from the context's last int32 sums (``len(pos) x 2C``: mean corrections,
+    then log-scale corrections), rescaled and clamped as ``int8._values`` does."""
+    inv = 1.0 / SCALE_LOG_STEP
+    top = float(SCALE_LEVELS - 1)
+    scale = 2.0**-VALUE_BITS
+    c_out = mu.shape[0]
+    for c in range(c_out):
+        for t in range(mu.shape[1]):
+            p = pos[t]
+            v = _round_shift(np.int64(acc[t, c]) + bias[c], mult[c], MULT_BITS)
+            d_mean = min(max(v * scale, -CORRECTION_MAX), CORRECTION_MAX)
+            v = _round_shift(np.int64(acc[t, c_out + c]) + bias[c_out + c], mult[c_out + c], MULT_BITS)
+            d_log = min(max(v * scale, -CORRECTION_MAX), CORRECTION_MAX)
+            mu[c, t] = means[lo + c, p] + d_mean
+            s = np.ceil((log_scales[lo + c, p] + d_log - SCALE_LOG_MIN) * inv)
+            indexes[c, t] = min(max(s, 0.0), top)
+
+
+@numba.njit(cache=False, nogil=True)
+def _update_q8(
+    symbols: Any, mu: Any, means: Any, lo: int, pos: Any, w: int, y_hat: Any, planes: Any
+) -> None:  # pragma: no cover - compiled
+    """``pass_update``, with each residual stored as ``int8._latent_planes`` stores it: rounded to the
+    int16 latent grid, as two int8 halves, at its place in the padded ``planes``."""
+    scale = float(2**ACT_BITS)
+    latent = float(1 << LATENT_FRAC_BITS)
+    n = mu.shape[1]
+    for c in range(mu.shape[0]):
+        for t in range(n):
+            p = pos[t]
+            yk = symbols[c * n + t] + mu[c, t]
+            y_hat[lo + c, p] = yk
+            r = np.rint((yk - means[lo + c, p]) * scale) / scale
+            r = min(max(r, -_A_MAX), _A_MAX)
+            v = int(min(max(np.rint(r * latent), -_LATENT_MAX), _LATENT_MAX))
+            low = ((v + 128) & 255) - 128
+            i, j = p // w, p % w
+            planes[0, i + 1, j + 1, lo + c] = (v - low) >> 8
+            planes[1, i + 1, j + 1, lo + c] = low
