@@ -355,7 +355,8 @@ class KLTContext(KLTHyper):
         if self.int8_entropy and device.type == "cpu":
             layers = self._int8_context_layers()
             Int8Passes.warm_up()
-            return lambda h, w: Int8Passes(layers, self.bounds, h, w)
+            rows: dict[tuple[int, int, bool | None], Any] = {}
+            return lambda h, w: Int8Passes(layers, self.bounds, h, w, rows)
         context = self.exact_context(device)
         return lambda h, w: FloatPasses(context, self.M, h, w, device)
 
@@ -490,7 +491,7 @@ class Int8Passes:
     context (tested bit-equal), with less work.
 
     * The residuals live as the int8 halves of their int16 latent-grid values, padded
-      (``2 x h+2 x w+2 x M``), written by :func:`_update_q8` as each pass decodes: the form the
+      (``2 x (h+2)(w+2) x M``), written by :func:`_update_q8` as each pass decodes: the form the
       context's first layer multiplies, so no pass converts them again.
     * A pass's context runs only at the positions it codes (half of them in a checkerboard
       pass): :func:`_window_q8` gathers those rows of the 3x3 window.
@@ -498,9 +499,25 @@ class Int8Passes:
       (:func:`_gaussians_q8`), with no float64 correction maps in between.
     """
 
-    def __init__(self, layers: dict[int, tuple[QConv, QConv, QConv]], bounds: list[int], h: int, w: int) -> None:
-        self.layers, self.w = layers, w
-        self.planes = np.zeros((2, h + 2, w + 2, bounds[-1]), np.int8)
+    def __init__(
+        self,
+        layers: dict[int, tuple[QConv, QConv, QConv]],
+        bounds: list[int],
+        h: int,
+        w: int,
+        rows: dict[tuple[int, int, bool | None], Any],
+    ) -> None:
+        self.layers, self.h, self.w, self._rows = layers, h, w, rows
+        self.planes = np.zeros((2, (h + 2) * (w + 2), bounds[-1]), np.int8)  # rows of the padded h+2 x w+2
+        self._at: Any = None
+
+    def _at_rows(self, where: bool | None, pos: Any) -> Any:
+        """A kind of pass's positions -> their rows in the padded planes (cached per latent size)."""
+        key = (self.h, self.w, where)
+        at = self._rows.get(key)
+        if at is None or len(at) != len(pos):
+            at = self._rows[key] = (pos // self.w + 1) * (self.w + 2) + pos % self.w + 1
+        return at
 
     def gaussians(
         self, k: int, lo: int, hi: int, where: bool | None, pos: Any, means: Any, log_scales: Any, mu: Any, indexes: Any
@@ -508,6 +525,7 @@ class Int8Passes:
         from .int8 import _hidden, _mm
 
         c = hi - lo
+        self._at = self._at_rows(where, pos)  # update() writes the same pass's positions
         if not len(pos):  # a 1x1 latent's second checkerboard pass
             return
         if k not in self.layers:  # no context: the hyper-synthesis's Gaussians
@@ -519,7 +537,7 @@ class Int8Passes:
         width = first.w.shape[1]
         if c_in:
             rows = np.empty((2, len(pos), 9 * c_in), np.int8)
-            _window_q8(self.planes, c_in, pos, self.w, rows)
+            _window_q8(self.planes, c_in, self._at, self.w, rows)
             acc = _mm(torch.from_numpy(rows.reshape(2 * len(pos), -1)), first.w).numpy()
         else:  # nothing decoded yet: the layer is its bias
             acc = np.zeros((2 * len(pos), width), np.int32)
@@ -529,32 +547,31 @@ class Int8Passes:
         _gaussians_q8(acc, out.bias.numpy(), out.mult.numpy(), means, log_scales, lo, pos, mu, indexes)
 
     def update(self, symbols: Any, mu: Any, means: Any, lo: int, pos: Any, y_hat: Any) -> None:
-        _update_q8(symbols, mu, means, lo, pos, self.w, y_hat, self.planes)
+        _update_q8(symbols, mu, means, lo, pos, self._at, y_hat, self.planes)
 
     @staticmethod
     def warm_up() -> None:
         """Compile the kernels now rather than in the first request."""
-        planes = np.zeros((2, 3, 3, 1), np.int8)
-        pos = np.zeros(1, np.int64)
+        planes = np.zeros((2, 9, 1), np.int8)
+        pos, at = np.zeros(1, np.int64), np.full(1, 4, np.int64)
         rows = np.empty((2, 1, 9), np.int8)
-        _window_q8(planes, 1, pos, 1, rows)
+        _window_q8(planes, 1, at, 1, rows)
         acc, vec = np.zeros((1, 2), np.int32), np.zeros(2, np.int64)
         grid, mu, indexes = np.zeros((1, 1)), np.empty((1, 1)), np.empty((1, 1), np.int32)
         _gaussians_q8(acc, vec, vec, grid, grid, 0, pos, mu, indexes)
-        _update_q8(np.zeros(1, np.int32), mu, grid, 0, pos, 1, grid.copy(), planes)
+        _update_q8(np.zeros(1, np.int32), mu, grid, 0, pos, at, grid.copy(), planes)
 
 
 @numba.njit(cache=False, nogil=True)
-def _window_q8(planes: Any, c_in: int, pos: Any, w: int, rows: Any) -> None:  # pragma: no cover - compiled
-    """The 3x3 window rows (kernel row, kernel column, channel) of channels ``0..c_in`` of padded
-    ``planes`` (``2 x h+2 x w+2 x M``) at flat positions ``pos``, into ``rows``: ``2 x len(pos) x 9c_in``."""
+def _window_q8(planes: Any, c_in: int, at: Any, w: int, rows: Any) -> None:  # pragma: no cover - compiled
+    """The 3x3 window rows (kernel row, kernel column, channel) of channels ``0..c_in`` of the padded
+    ``planes`` (``2 x (h+2)(w+2) x M``) about rows ``at``, into ``rows``: ``2 x len(at) x 9c_in``."""
     for half in range(2):
-        for t in range(pos.shape[0]):
-            i, j = pos[t] // w, pos[t] % w
+        for t in range(at.shape[0]):
             col = 0
             for di in range(3):
                 for dj in range(3):
-                    src = planes[half, i + di, j + dj]
+                    src = planes[half, at[t] + (di - 1) * (w + 2) + dj - 1]
                     for ch in range(c_in):
                         rows[half, t, col + ch] = src[ch]
                     col += c_in
@@ -584,10 +601,10 @@ def _gaussians_q8(
 
 @numba.njit(cache=False, nogil=True)
 def _update_q8(
-    symbols: Any, mu: Any, means: Any, lo: int, pos: Any, w: int, y_hat: Any, planes: Any
+    symbols: Any, mu: Any, means: Any, lo: int, pos: Any, at: Any, y_hat: Any, planes: Any
 ) -> None:  # pragma: no cover - compiled
     """``pass_update``, with each residual stored as ``int8._latent_planes`` stores it: rounded to the
-    int16 latent grid, as two int8 halves, at its place in the padded ``planes``."""
+    int16 latent grid, as two int8 halves, at row ``at[t]`` of the padded ``planes`` (``2 x rows x M``)."""
     scale = float(2**ACT_BITS)
     latent = float(1 << LATENT_FRAC_BITS)
     n = mu.shape[1]
@@ -600,6 +617,5 @@ def _update_q8(
             r = min(max(r, -_A_MAX), _A_MAX)
             v = int(min(max(np.rint(r * latent), -_LATENT_MAX), _LATENT_MAX))
             low = ((v + 128) & 255) - 128
-            i, j = p // w, p % w
-            planes[0, i + 1, j + 1, lo + c] = (v - low) >> 8
-            planes[1, i + 1, j + 1, lo + c] = low
+            planes[0, at[t], lo + c] = (v - low) >> 8
+            planes[1, at[t], lo + c] = low
