@@ -72,6 +72,8 @@ class TrainConfig:
     distortion: str = "mse"
     lambda_mse: float = 0.0
     freeze: list[str] = field(default_factory=list)
+    #: scanner-like JPEG on a share of the crops: ``{"p": share, "quality": [lo, hi]}`` (4:2:0)
+    jpeg_augment: dict[str, Any] = field(default_factory=dict)
     seed: int = 0
     eval_every: int = 1000
     ckpt_every: int = 250
@@ -115,6 +117,7 @@ def load_config(path: str | Path) -> TrainConfig:
             distortion=str(train.get("distortion", "mse")),
             lambda_mse=float(train.get("lambda_mse", 0.0)),
             freeze=[str(f) for f in train.get("freeze", [])],
+            jpeg_augment=dict(train.get("jpeg_augment", {})),
             seed=int(train.get("seed", 0)),
             eval_every=int(train.get("eval_every", 1000)),
             ckpt_every=int(train.get("ckpt_every", 250)),
@@ -125,6 +128,14 @@ def load_config(path: str | Path) -> TrainConfig:
         raise ConfigError(f"{p}: missing key {exc}") from None
     if cfg.distortion not in DISTORTIONS:
         raise ConfigError(f"{p}: distortion must be one of {', '.join(DISTORTIONS)}, got {cfg.distortion!r}")
+    aug = cfg.jpeg_augment
+    if aug and (
+        set(aug) != {"p", "quality"}
+        or not 0.0 <= float(aug["p"]) <= 1.0
+        or len(aug["quality"]) != 2
+        or not 1 <= int(aug["quality"][0]) <= int(aug["quality"][1]) <= 100
+    ):
+        raise ConfigError(f"{p}: jpeg_augment must be {{p = 0..1, quality = [lo, hi] within 1..100}}, got {aug}")
     return cfg
 
 
@@ -190,12 +201,21 @@ def eval_tiles(cfg: TrainConfig, data_dir: Path, size: int = 256, limit: int = 2
 
 
 class CropSampler:
-    """Random crops with flips and 90° rotations, images weighted by area; mostly tissue."""
+    """Random crops with flips and 90° rotations, images weighted by area; mostly tissue.
 
-    def __init__(self, images: list[npt.NDArray[np.uint8]], crop: int, seed: int) -> None:
+    ``jpeg``: ``{"p": share, "quality": [lo, hi]}`` codes that share of the crops with JPEG 4:2:0
+    at a uniform quality in ``lo..hi``, as scanners code slides: most slides a hospital holds
+    carry JPEG's block and chroma artefacts, and the grid of a crop's 8x8 blocks (its origin)
+    is the grid of a tile's latent, as in a slide's tiles."""
+
+    def __init__(
+        self, images: list[npt.NDArray[np.uint8]], crop: int, seed: int, jpeg: dict[str, Any] | None = None
+    ) -> None:
         self.images = images
         self.crop = crop
+        self.jpeg = jpeg or {}
         self.rng = np.random.default_rng(seed)
+        self.jpeg_rng = np.random.default_rng([seed, 1])  # its own draws: the crops stay the same
         area = np.array([img.shape[0] * img.shape[1] for img in images], dtype=float)
         self.p = np.sqrt(area) / np.sqrt(area).sum()
 
@@ -210,6 +230,13 @@ class CropSampler:
         c = np.rot90(c, self.rng.integers(4))
         if self.rng.random() < 0.5:
             c = c[:, ::-1]
+        if self.jpeg and self.jpeg_rng.random() < float(self.jpeg["p"]):
+            import imagecodecs
+
+            lo, hi = (int(q) for q in self.jpeg["quality"])
+            level = int(self.jpeg_rng.integers(lo, hi + 1))
+            data = imagecodecs.jpeg_encode(np.ascontiguousarray(c), level=level, subsampling=(2, 2))
+            c = imagecodecs.jpeg_decode(data)
         return c
 
     def batch(self, n: int) -> npt.NDArray[np.uint8]:
@@ -386,7 +413,7 @@ def train(cfg: TrainConfig, *, data_dir: Path, until: dt.datetime | None, thread
         f"{cfg.name}: {cfg.distortion} lambda={cfg.lmbda} crop={cfg.crop} batch={cfg.batch} "
         f"{len(images)} images, {len(tiles)} eval tiles",
     )
-    sampler = CropSampler(images, cfg.crop, cfg.seed + step)
+    sampler = CropSampler(images, cfg.crop, cfg.seed + step, cfg.jpeg_augment)
 
     def save() -> None:
         tmp = ckpt_path.with_suffix(".tmp")

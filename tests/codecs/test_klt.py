@@ -96,6 +96,37 @@ def test_config_rejects_unknown_distortion(tmp_path: Path) -> None:
         load_config(bad)
 
 
+@pytest.mark.parametrize("aug", ["{ p = 1.5, quality = [70, 95] }", "{ p = 0.5, quality = [95, 70] }", "{ p = 0.5 }"])
+def test_config_rejects_a_bad_jpeg_augment(tmp_path: Path, aug: str) -> None:
+    from tileserver.errors import ConfigError
+    from tileserver.train import load_config
+
+    src = Path(__file__).resolve().parents[2] / "tileserver" / "codecs" / "configs"
+    text = (src / "klt-cx-s140-jq.toml").read_text()
+    assert "jpeg_augment = { p = 0.5, quality = [70, 95] }" in text
+    assert load_config(src / "klt-cx-s140-jq.toml").jpeg_augment == {"p": 0.5, "quality": [70, 95]}
+    bad = tmp_path / "bad.toml"
+    bad.write_text(text.replace("{ p = 0.5, quality = [70, 95] }", aug))
+    with pytest.raises(ConfigError, match="jpeg_augment"):
+        load_config(bad)
+
+
+def test_jpeg_augment_codes_that_share_of_crops_as_a_scanner_would(image: np.ndarray) -> None:
+    import imagecodecs
+
+    from tileserver.train import CropSampler
+
+    plain = CropSampler([image], 64, seed=5).batch(40)
+    never = CropSampler([image], 64, seed=5, jpeg={"p": 0.0, "quality": [70, 95]}).batch(40)
+    assert np.array_equal(plain, never)
+    coded = CropSampler([image], 64, seed=5, jpeg={"p": 0.5, "quality": [70, 70]}).batch(40)
+    # The same crops, each as it was or through JPEG 4:2:0 at quality 70.
+    jpeg = [imagecodecs.jpeg_decode(imagecodecs.jpeg_encode(c, level=70, subsampling=(2, 2))) for c in plain]
+    n_coded = sum(np.array_equal(c, j) and not np.array_equal(c, p) for c, j, p in zip(coded, jpeg, plain, strict=True))
+    assert 8 <= n_coded <= 32
+    assert n_coded + sum(np.array_equal(c, p) for c, p in zip(coded, plain, strict=True)) == 40
+
+
 def test_ssim_loss_is_lambda_times_one_minus_ssim_plus_rate() -> None:
     from pytorch_msssim import ssim
 
