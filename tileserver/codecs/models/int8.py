@@ -496,16 +496,18 @@ def _values(acc: Any, bias: Any, mult: Any, limit: float, shuffle: bool, out: An
     hw = acc.shape[0] // n
     w = out.shape[3] // 2 if shuffle else out.shape[3]
     scale = 2.0**-VALUE_BITS
+    h = hw // w
     for b in range(n):
         for k in range(c):  # channel by channel: contiguous writes, strided reads (faster here)
             bk, mk = bias[k], mult[k]
-            for p in range(hw):
-                v = _round_shift(np.int64(acc[b * hw + p, k]) + bk, mk, MULT_BITS)
-                x = min(max(v * scale, -limit), limit)
-                if shuffle:
-                    out[b, k >> 2, 2 * (p // w) + ((k >> 1) & 1), 2 * (p % w) + (k & 1)] = x
-                else:
-                    out[b, k, p // w, p % w] = x
+            for i in range(h):
+                for j in range(w):
+                    v = _round_shift(np.int64(acc[b * hw + i * w + j, k]) + bk, mk, MULT_BITS)
+                    x = min(max(v * scale, -limit), limit)
+                    if shuffle:
+                        out[b, k >> 2, 2 * i + ((k >> 1) & 1), 2 * j + (k & 1)] = x
+                    else:
+                        out[b, k, i, j] = x
 
 
 def small_conv(x: Tensor, first: QConv, second: QConv, *, limit: float = math.inf, shuffle: bool = False) -> Tensor:
