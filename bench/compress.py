@@ -2,13 +2,15 @@
 
     .venv/bin/python bench/compress.py            # writes bench/results/compress.json and compress.png
     .venv/bin/python bench/compress.py --retired  # and the retired neural models beside the current ones
+    .venv/bin/python bench/compress.py --retired --refine 60   # and the current ones with 60 refinement steps
 
 For each codec and quality setting: mean bits per pixel, SSIM (design §8:
 pytorch_msssim, 11-px Gaussian window, data_range 255) and PSNR over the tiles.
 Then per codec: bpp at SSIM 0.95 and 0.97 (log-bpp interpolated along the curve),
 the saving against JPEG (the better of 4:2:0 and 4:4:4 at that SSIM), BD-rate
-against JPEG 4:4:4 (Bjøntegaard, cubic fit of log-rate over PSNR), and the median
-single-thread decode time per tile at the setting nearest SSIM 0.95.  Results are
+against JPEG 4:4:4 (Bjøntegaard, cubic fit of log-rate over PSNR), and the mean
+single-thread encode and decode time per tile at the setting nearest SSIM 0.95 (neural
+tiles decode in batches of 8, as the server decodes them).  Results are
 reported for all tiles, per group (``slides`` / ``patches``), per codec that coded
 the source before us (``jpeg_sourced`` / ``jpeg2000_sourced`` / ``unknown_sourced``,
 see ``_tiles.source_codec``) and, for neural models, split into the files the
@@ -101,7 +103,9 @@ def held_out_sources() -> set[str]:
 
 
 def run_codec(label: str, codec: Any, tiles: np.ndarray) -> dict[str, Any]:
+    t0 = time.perf_counter()
     blobs = [codec.encode(t) for t in tiles]
+    encode_ms = (time.perf_counter() - t0) / len(blobs) * 1000
     batch = getattr(codec, "decode_batch", None)
     t0 = time.perf_counter()
     if label.startswith("neural") and batch is not None:
@@ -119,6 +123,7 @@ def run_codec(label: str, codec: Any, tiles: np.ndarray) -> dict[str, Any]:
         "ssim_per_tile": ssim_batch(tiles, out).tolist(),
         "psnr_per_tile": psnr_batch(tiles, out).tolist(),
         "decode_ms": dt * 1000,
+        "encode_ms": encode_ms,
     }
 
 
@@ -132,6 +137,7 @@ def summarise(points: list[dict[str, Any]], mask: np.ndarray) -> list[dict[str, 
                 "ssim": float(np.mean(np.asarray(p["ssim_per_tile"])[mask])),
                 "psnr": float(np.mean(np.asarray(p["psnr_per_tile"])[mask])),
                 "decode_ms": p["decode_ms"],
+                "encode_ms": p.get("encode_ms"),
             }
         )
     return out
@@ -156,6 +162,7 @@ def report(curves: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
         row["bd_rate_vs_jpeg444_psnr_%"] = bd_rate(curves.get("jpeg-444", []), pts)
         near = min(pts, key=lambda p: abs(p["ssim"] - 0.95))
         row["decode_ms_near_0.95"] = near["decode_ms"]
+        row["encode_ms_near_0.95"] = near.get("encode_ms")
         table[label] = row
     # best classic codec at each target, for the neural ratio
     for t in TARGETS:
@@ -195,7 +202,7 @@ def print_table(name: str, table: dict[str, Any]) -> None:
     print(f"\n## {name}")
     hdr = (
         "| codec | bpp@0.95 | ×JPEG | ×best classic | bpp@0.97 | ×JPEG | ×best classic "
-        "| BD-rate vs JPEG 4:4:4 | decode ms |"
+        "| BD-rate vs JPEG 4:4:4 | encode ms | decode ms |"
     )
     print(hdr)
     print("|---" * (hdr.count("|") - 1) + "|")
@@ -208,7 +215,7 @@ def print_table(name: str, table: dict[str, Any]) -> None:
             f"| {label} | {f(r['bpp@0.95'], '.3f')} | {f(r['x_jpeg@0.95'], '.2f')} | "
             f"{f(r['x_best_classic@0.95'], '.2f')} | {f(r['bpp@0.97'], '.3f')} | {f(r['x_jpeg@0.97'], '.2f')} | "
             f"{f(r['x_best_classic@0.97'], '.2f')} | {f(r['bd_rate_vs_jpeg444_psnr_%'], '+.1f')}% | "
-            f"{f(r['decode_ms_near_0.95'], '.2f')} |"
+            f"{f(r.get('encode_ms_near_0.95'), '.1f')} | {f(r['decode_ms_near_0.95'], '.2f')} |"
         )
 
 
@@ -220,6 +227,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-neural", action="store_true")
     ap.add_argument(
         "--retired", action="store_true", help="also run the retired neural models (the ones the current replaced)"
+    )
+    ap.add_argument(
+        "--refine",
+        type=int,
+        default=0,
+        metavar="STEPS",
+        help="also run the current neural models with encoder-side latent refinement of STEPS steps",
     )
     args = ap.parse_args(argv)
 
@@ -249,6 +263,12 @@ def main(argv: list[str] | None = None) -> int:
             raw.setdefault("neural", []).append({"param": q, **run_codec("neural", codec, pixels)})
         if "neural" in raw:
             print(f"  neural: done ({time.time() - t_start:.0f} s)")
+    if args.refine and not args.no_neural:
+        for q in neural_qualities():
+            codec = codecs.get("neural", quality=q, refine=args.refine)
+            raw.setdefault("neural-refined", []).append({"param": q, **run_codec("neural", codec, pixels)})
+        if "neural-refined" in raw:
+            print(f"  neural-refined ({args.refine} steps): done ({time.time() - t_start:.0f} s)")
     if args.retired and not args.no_neural:
         from tileserver.codecs.neural import retired_models
 
@@ -271,6 +291,7 @@ def main(argv: list[str] | None = None) -> int:
         "tiles": {k: int(m.sum()) for k, m in subsets.items()},
         "sources": sorted({t.source for t in tiles}),
         "source_codecs": {t.source: t.source_codec for t in tiles},
+        "refine_steps": args.refine,
         "held_out_sources": sorted(held),
         "subsets": {},
         "wall_s": None,

@@ -449,3 +449,16 @@ def test_neural_refuses_fluorescence_unless_told(tmp_path: Path) -> None:
         convert(NDPI, dst, codec="neural", quality=1, progress=False)
     assert not dst.exists()
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.shared_data
+def test_neural_refinement_is_a_codec_parameter_recorded_in_the_slide(tmp_path: Path) -> None:
+    """``--param refine=N`` refines each tile's latent at encode time; the slide records it and opens
+    with the ordinary decoder."""
+    dst = tmp_path / "refined.tiff"
+    argv = ["convert", str(DICOM), str(dst), "--codec", "neural", "--quality", "1", "--param", "refine=2"]
+    assert cli_main([*argv, "--no-progress"]) == 0
+    with tileserver.open_slide(dst) as slide:
+        assert json.loads(slide.properties["tileserver.codec-params"])["refine"] == 2
+        w, h = slide.level_dimensions[-1]
+        assert np.asarray(slide.read_region((0, 0), slide.level_count - 1, (w, h)))[..., :3].std() > 0

@@ -283,22 +283,17 @@ def evaluate(model: Any, tiles: list[npt.NDArray[np.uint8]]) -> dict[str, float]
 
 def rd_loss(cfg: TrainConfig, x: Any, out: dict[str, Any]) -> tuple[Any, dict[str, float]]:
     """Rate–distortion loss of one training batch and its parts (bpp, mse, ssim) for the log."""
-    import torch
-    from pytorch_msssim import ssim
+    from .codecs.models.objective import bits_per_pixel, rd_objective
 
-    n_pix = x.shape[0] * x.shape[2] * x.shape[3]
-    bpp = torch.log(out["likelihoods"]).sum() / (-math.log(2) * n_pix)
+    bpp = bits_per_pixel(out["likelihoods"], x)
     if out["x_hat"] is None:  # synthesis frozen: only the rate can change
         return bpp, {"bpp": bpp.item()}
-    mse = torch.mean((out["x_hat"] - x) ** 2)
+    loss, mse, s = rd_objective(
+        x, out["x_hat"], bpp, lmbda=cfg.lmbda, distortion=cfg.distortion, lambda_mse=cfg.lambda_mse
+    )
     parts = {"bpp": bpp.item(), "mse": mse.item()}
-    if cfg.distortion == "ssim":
-        # The benchmark's SSIM (11x11 Gaussian window, per RGB channel, data range 1 here).
-        s = ssim(out["x_hat"], x, data_range=1.0, size_average=True)
+    if s is not None:
         parts["ssim"] = s.item()
-        loss = cfg.lmbda * (1.0 - s) + cfg.lambda_mse * 255.0**2 * mse + bpp
-    else:
-        loss = cfg.lmbda * 255.0**2 * mse + bpp
     return loss, parts
 
 

@@ -82,6 +82,9 @@ WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 #: only grow the im2col buffers past the caches); on CUDA the whole batch goes in one
 #: pass.  Pixels are identical either way (the synthesis is exact).
 CPU_SYNTHESIS_BATCH = 1
+#: most refinement steps a codec accepts (``refine``), and tiles refined together
+MAX_REFINE = 1000
+REFINE_BATCH = 8
 
 _MAGIC = b"NC"
 _HEADER = struct.Struct("<2sBB4sHHBBI")
@@ -469,7 +472,10 @@ class NeuralCodec:
     ``"cpu"`` or ``"cuda"``.  ``threads`` sets torch's CPU thread count at load
     (process-wide); ``None`` leaves it alone.  ``synthesis_batch`` caps the
     tiles per synthesis pass (default: ``CPU_SYNTHESIS_BATCH`` on CPU, the whole
-    batch on CUDA); it changes speed only, never pixels.
+    batch on CUDA); it changes speed only, never pixels.  ``refine``: steps of encoder-side
+    latent refinement (``models/refine.py``; 0, the default, codes ``g_a``'s latent as is):
+    fewer bits at the same quality for about ``refine`` training steps of encoding time per
+    tile; bitstreams and decoding are unchanged (hyperprior and context models only).
     """
 
     name = "neural"
@@ -483,6 +489,7 @@ class NeuralCodec:
         device: str = "cpu",
         threads: int | None = None,
         synthesis_batch: int | None = None,
+        refine: int = 0,
         weights_dir: Path | None = None,
     ) -> None:
         self.weights_dir = Path(weights_dir) if weights_dir is not None else WEIGHTS_DIR
@@ -506,6 +513,16 @@ class NeuralCodec:
         if synthesis_batch is not None and synthesis_batch < 1:
             raise ValueError(f"synthesis_batch must be >= 1, got {synthesis_batch}")
         self._synthesis_batch = synthesis_batch
+        if isinstance(refine, bool) or not isinstance(refine, int) or not 0 <= refine <= MAX_REFINE:
+            raise ValueError(f"refine must be an integer 0..{MAX_REFINE} (steps), got {refine!r}")
+        if refine and (entry["architecture"] not in ("klt-hp8", "klt-cx8") or "lambda" not in entry):
+            raise ValueError(
+                f"refine needs a hyperprior model with its training lambda in the manifest; "
+                f"q{quality} is {entry['architecture']}"
+            )
+        self._refine = refine
+        if refine:
+            self.params["refine"] = refine  # provenance: how the slide's tiles were encoded
         self._tag = bytes.fromhex(self._entry["sha256"])[:4]
         self.model_info: dict[str, Any] = {
             "architecture": self._entry["architecture"],
@@ -568,16 +585,16 @@ class NeuralCodec:
         for i, a in enumerate(arrays):
             groups.setdefault(a.shape[:2], []).append(i)
         encoder = RansEncoder()
-        with torch.inference_mode():
-            for (height, width), idx in groups.items():
-                ph, pw = (-height) % m.stride, (-width) % m.stride
-                x = torch.from_numpy(np.stack([arrays[i] for i in idx])).to(m.device)
-                x = x.permute(0, 3, 1, 2).float().div_(255.0)
-                if ph or pw:
-                    # Edge replication codes cheaper than zeros and is cropped away on decode.
-                    x = torch.nn.functional.pad(x, (0, pw, 0, ph), mode="replicate")
-                y = m.model.g_a(x).double().cpu().numpy()
-                lh, lw = y.shape[2:]
+        for (height, width), idx in groups.items():
+            ph, pw = (-height) % m.stride, (-width) % m.stride
+            x = torch.from_numpy(np.stack([arrays[i] for i in idx])).to(m.device)
+            x = x.permute(0, 3, 1, 2).float().div_(255.0)
+            if ph or pw:
+                # Edge replication codes cheaper than zeros and is cropped away on decode.
+                x = torch.nn.functional.pad(x, (0, pw, 0, ph), mode="replicate")
+            y = self._latents(m, x).double().cpu().numpy()
+            lh, lw = y.shape[2:]
+            with torch.inference_mode():
                 for j, i in enumerate(idx):
                     payload = m.coder.encode(encoder, y[j])
                     header = _HEADER.pack(
@@ -585,6 +602,31 @@ class NeuralCodec:
                     )
                     out[i] = header + payload
         return out
+
+    def _latents(self, m: _Model, x: Any) -> Any:
+        """The latents to code for padded images ``x``: the analysis's, refined when asked."""
+        import torch
+
+        if not self._refine:
+            with torch.inference_mode():
+                return m.model.g_a(x)
+        from .models import KLTHyper
+        from .models.refine import refine_latents
+
+        model, entry = m.model, self._entry
+        assert isinstance(model, KLTHyper)  # checked in __init__ (klt-hp8 or klt-cx8)
+        chunks = [
+            refine_latents(
+                model,
+                x[i : i + REFINE_BATCH],
+                steps=self._refine,
+                lmbda=float(entry["lambda"]),
+                distortion=str(entry.get("distortion", "mse")),
+                lambda_mse=float(entry.get("lambda_mse", 0.0)),
+            )
+            for i in range(0, x.shape[0], REFINE_BATCH)
+        ]
+        return torch.cat(chunks)
 
     # -- decoding ------------------------------------------------------------------------
     def decode(self, data: bytes) -> Tile:
