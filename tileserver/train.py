@@ -95,6 +95,24 @@ def load_config(path: str | Path) -> TrainConfig:
     train = raw.get("train", {})
     data = raw.get("data", {})
     model = raw.get("model", {})
+    aug = train.get("jpeg_augment", {})
+    try:
+        ok = isinstance(aug, dict) and (
+            not aug
+            or (
+                set(aug) == {"p", "quality"}
+                and isinstance(aug["p"], int | float)
+                and not isinstance(aug["p"], bool)
+                and 0.0 <= float(aug["p"]) <= 1.0
+                and len(aug["quality"]) == 2
+                and all(isinstance(q, int) and not isinstance(q, bool) for q in aug["quality"])
+                and 1 <= aug["quality"][0] <= aug["quality"][1] <= 100
+            )
+        )
+    except TypeError:
+        ok = False
+    if not ok:
+        raise ConfigError(f"{p}: jpeg_augment must be {{p = 0..1, quality = [lo, hi] within 1..100}}, got {aug}")
     try:
         cfg = TrainConfig(
             name=str(raw["name"]),
@@ -117,7 +135,7 @@ def load_config(path: str | Path) -> TrainConfig:
             distortion=str(train.get("distortion", "mse")),
             lambda_mse=float(train.get("lambda_mse", 0.0)),
             freeze=[str(f) for f in train.get("freeze", [])],
-            jpeg_augment=dict(train.get("jpeg_augment", {})),
+            jpeg_augment=dict(aug),
             seed=int(train.get("seed", 0)),
             eval_every=int(train.get("eval_every", 1000)),
             ckpt_every=int(train.get("ckpt_every", 250)),
@@ -128,14 +146,6 @@ def load_config(path: str | Path) -> TrainConfig:
         raise ConfigError(f"{p}: missing key {exc}") from None
     if cfg.distortion not in DISTORTIONS:
         raise ConfigError(f"{p}: distortion must be one of {', '.join(DISTORTIONS)}, got {cfg.distortion!r}")
-    aug = cfg.jpeg_augment
-    if aug and (
-        set(aug) != {"p", "quality"}
-        or not 0.0 <= float(aug["p"]) <= 1.0
-        or len(aug["quality"]) != 2
-        or not 1 <= int(aug["quality"][0]) <= int(aug["quality"][1]) <= 100
-    ):
-        raise ConfigError(f"{p}: jpeg_augment must be {{p = 0..1, quality = [lo, hi] within 1..100}}, got {aug}")
     return cfg
 
 
@@ -502,6 +512,8 @@ def export(cfg: TrainConfig, *, data_dir: Path, weights_dir: Path = WEIGHTS_DIR)
         "steps": int(ck["step"]),
         "train_minutes": round(float(ck.get("wall", 0.0)) / 60, 1),
     }
+    if cfg.lambda_mse:
+        meta["lambda_mse"] = cfg.lambda_mse  # refinement (models/refine.py) minimises the same objective
     if ck.get("init"):
         meta["init"] = dict(ck["init"])  # the run it was fine-tuned from (steps and minutes before this one)
     # Evaluate what will be exported (CDF tables computed, synthesis on its grid: both idempotent,

@@ -96,7 +96,18 @@ def test_config_rejects_unknown_distortion(tmp_path: Path) -> None:
         load_config(bad)
 
 
-@pytest.mark.parametrize("aug", ["{ p = 1.5, quality = [70, 95] }", "{ p = 0.5, quality = [95, 70] }", "{ p = 0.5 }"])
+@pytest.mark.parametrize(
+    "aug",
+    [
+        "{ p = 1.5, quality = [70, 95] }",
+        "{ p = 0.5, quality = [95, 70] }",
+        "{ p = 0.5 }",
+        "0.5",
+        '{ p = "x", quality = [70, 95] }',
+        "{ p = true, quality = [70, 95] }",
+        "{ p = 0.5, quality = 70 }",
+    ],
+)
 def test_config_rejects_a_bad_jpeg_augment(tmp_path: Path, aug: str) -> None:
     from tileserver.errors import ConfigError
     from tileserver.train import load_config

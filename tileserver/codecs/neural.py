@@ -515,11 +515,6 @@ class NeuralCodec:
         self._synthesis_batch = synthesis_batch
         if isinstance(refine, bool) or not isinstance(refine, int) or not 0 <= refine <= MAX_REFINE:
             raise ValueError(f"refine must be an integer 0..{MAX_REFINE} (steps), got {refine!r}")
-        if refine and (entry["architecture"] not in ("klt-hp8", "klt-cx8") or "lambda" not in entry):
-            raise ValueError(
-                f"refine needs a hyperprior model with its training lambda in the manifest; "
-                f"q{quality} is {entry['architecture']}"
-            )
         self._refine = refine
         if refine:
             self.params["refine"] = refine  # provenance: how the slide's tiles were encoded
@@ -614,7 +609,13 @@ class NeuralCodec:
         from .models.refine import refine_latents
 
         model, entry = m.model, self._entry
-        assert isinstance(model, KLTHyper)  # checked in __init__ (klt-hp8 or klt-cx8)
+        # Checked here, not in __init__: a slide records refine in its codec parameters, and
+        # opening it (decoding only) must not depend on what encoding needed.
+        if not isinstance(model, KLTHyper) or "lambda" not in entry:
+            raise ValueError(
+                f"refine needs a hyperprior model with its training lambda in the manifest; "
+                f"q{self.quality} is {entry['architecture']}{'' if 'lambda' in entry else ' without a lambda'}"
+            )
         chunks = [
             refine_latents(
                 model,

@@ -301,7 +301,7 @@ class KLTContext(KLTHyper):
     def _int8_context_layers(self) -> dict[int, tuple[QConv, QConv, QConv]]:
         """Per slice with a context: its 3x3 layer's rows for the earlier slices alone (the anchor
         and whole-slice passes' input), the whole 3x3 layer (the other passes': the earlier slices
-        and this slice's anchors as one input), and the 1x1 layer; CPU tensors."""
+        and this slice's anchors as one input), and the 1x1 layer; on the model's device."""
         from . import int8 as q8
 
         if not self._int8_ready():
@@ -355,7 +355,7 @@ class KLTContext(KLTHyper):
         if self.int8_entropy and device.type == "cpu":
             layers = self._int8_context_layers()
             Int8Passes.warm_up()
-            rows: dict[tuple[int, int, bool | None], Any] = {}
+            rows: dict[tuple[int, int, bool | None], tuple[Any, Any]] = {}
             return lambda h, w: Int8Passes(layers, self.bounds, h, w, rows)
         context = self.exact_context(device)
         return lambda h, w: FloatPasses(context, self.M, h, w, device)
@@ -451,7 +451,7 @@ class Passes(Protocol):
 
     def update(self, symbols: Any, mu: Any, means: Any, lo: int, pos: Any, y_hat: Any) -> None:
         """Record a pass's decoded latents (flat int32 ``symbols`` + ``mu``) in ``y_hat`` (``M x h*w``)
-        and in what later passes' context reads."""
+        and in what later passes' context reads.  Called after :meth:`gaussians` of the same pass."""
 
 
 class FloatPasses:
@@ -505,18 +505,21 @@ class Int8Passes:
         bounds: list[int],
         h: int,
         w: int,
-        rows: dict[tuple[int, int, bool | None], Any],
+        rows: dict[tuple[int, int, bool | None], tuple[Any, Any]],
     ) -> None:
         self.layers, self.h, self.w, self._rows = layers, h, w, rows
         self.planes = np.zeros((2, (h + 2) * (w + 2), bounds[-1]), np.int8)  # rows of the padded h+2 x w+2
         self._at: Any = None
 
     def _at_rows(self, where: bool | None, pos: Any) -> Any:
-        """A kind of pass's positions -> their rows in the padded planes (cached per latent size)."""
+        """A pass's positions -> their rows in the padded planes; cached per latent size and kind of
+        pass for the coder's own (cached) position arrays, computed afresh for any others."""
         key = (self.h, self.w, where)
-        at = self._rows.get(key)
-        if at is None or len(at) != len(pos):
-            at = self._rows[key] = (pos // self.w + 1) * (self.w + 2) + pos % self.w + 1
+        cached = self._rows.get(key)
+        if cached is not None and cached[0] is pos:
+            return cached[1]
+        at = (pos // self.w + 1) * (self.w + 2) + pos % self.w + 1
+        self._rows[key] = (pos, at)
         return at
 
     def gaussians(

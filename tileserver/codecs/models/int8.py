@@ -496,7 +496,7 @@ def _values(acc: Any, bias: Any, mult: Any, limit: float, shuffle: bool, out: An
     hw = acc.shape[0] // n
     w = out.shape[3] // 2 if shuffle else out.shape[3]
     scale = 2.0**-VALUE_BITS
-    h = hw // w
+    h = hw // w if w else 0
     for b in range(n):
         for k in range(c):  # channel by channel: contiguous writes, strided reads (faster here)
             bk, mk = bias[k], mult[k]

@@ -9,7 +9,9 @@ the weights frozen, minimising what training minimised (``objective.rd_objective
 model's ``lambda`` and distortion):
 
 * the rates of the latent and of its side latent ``z = h_a(y)`` come from additive uniform
-  noise (as in training), drawn from a generator seeded per call, so encoding is repeatable;
+  noise (as in training), drawn per tile from a generator seeded by the tile's own pixels,
+  so a tile encodes the same way again (and, but for float rounding, in any batch: the
+  objective is a mean over tiles, and Adam's steps do not depend on that scale);
 * the hyper-synthesis sees ``z`` rounded as the coder rounds it and the synthesis sees the
   latent rounded about the context's means as the coder rounds it (straight-through
   gradients, the model's ``latent_params``), with the integer decoder's quantization
@@ -24,6 +26,7 @@ by ``bench/compress.py --refine`` (README, Results).
 from __future__ import annotations
 
 import math
+import zlib
 from typing import TYPE_CHECKING
 
 import torch
@@ -66,7 +69,13 @@ def refine_latents(
         x = x.clone()
         y: Tensor = y0.clone().requires_grad_(True)
         opt = torch.optim.Adam([y], lr=lr)
-        gen = torch.Generator(device=x.device).manual_seed(seed)
+        gens = [torch.Generator(device=x.device).manual_seed(seed ^ zlib.crc32(t.cpu().numpy().tobytes())) for t in x]
+
+        def noise(like: Tensor) -> Tensor:
+            """Uniform noise in [-0.5, 0.5) shaped like ``like``, each tile from its own generator."""
+            draws = [torch.rand(like.shape[1:], generator=g, device=like.device) for g in gens]
+            return torch.stack(draws) - 0.5
+
         side, gauss = model.hyper_bottleneck, model.gaussian_conditional
         n_pix = x.shape[0] * x.shape[2] * x.shape[3]
         lo, hi = SCALE_LOG_TABLE[0], SCALE_LOG_TABLE[-1]
@@ -76,12 +85,12 @@ def refine_latents(
             z = model.h_a(y * model.step)
             medians = side._get_medians().detach()
             z_hat = z + (torch.round(z - medians) + medians - z).detach()
-            z_noisy = z + torch.rand(z.shape, generator=gen, device=z.device) - 0.5
+            z_noisy = z + noise(z)
             # The side latent's factorized density takes channels first (as EntropyBottleneck.forward).
             z_lik = side._likelihood(z_noisy.transpose(0, 1).reshape(z.shape[1], 1, -1))[0]
             means, log_scales = model.hyper_synthesize(z_hat, (y.shape[2], y.shape[3]))
             means, log_scales, y_hat = model.latent_params(y, means, log_scales)
-            y_noisy = y + torch.rand(y.shape, generator=gen, device=y.device) - 0.5
+            y_noisy = y + noise(y)
             y_lik = gauss._likelihood(y_noisy, torch.exp(log_scales.clamp(lo, hi)), means)
             bits = -(torch.log2(gauss.likelihood_lower_bound(y_lik)).sum())
             bits = bits - torch.log2(side.likelihood_lower_bound(z_lik)).sum()
