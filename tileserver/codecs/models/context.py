@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .factorized import _to_grid
-from .int8 import _LATENT_MAX, LATENT_FRAC_BITS, MULT_BITS, VALUE_BITS, QConv, _round_shift
+from .int8 import LATENT_FRAC_BITS, QConv, _latent_halves, _value
 from .klt import (
     _A_MAX,
     ACT_BITS,
@@ -389,6 +389,21 @@ def hyper_mean_clamped(means: Tensor) -> Tensor:
 # numpy operations on fancy-indexed copies.
 
 
+@numba.njit(cache=False, nogil=True, inline="always")
+def _scale_index(log_scale: float) -> Any:  # pragma: no cover - compiled
+    """``scale_indexes`` of one log-scale (as a float: the caller's array sets the type)."""
+    v = np.ceil((log_scale - SCALE_LOG_MIN) * (1.0 / SCALE_LOG_STEP))
+    return min(max(v, 0.0), float(SCALE_LEVELS - 1))
+
+
+@numba.njit(cache=False, nogil=True, inline="always")
+def _residual(y: float, hyper_mean: float) -> Any:  # pragma: no cover - compiled
+    """``grid_residual`` of one decoded latent about its hyper mean."""
+    scale = float(2**ACT_BITS)
+    r = np.rint((y - hyper_mean) * scale) / scale
+    return min(max(r, -_A_MAX), _A_MAX)
+
+
 @numba.njit(cache=False, nogil=True)
 def pass_gaussians(
     means: Any, log_scales: Any, d_mean: Any, d_log: Any, lo: int, pos: Any, mu: Any, indexes: Any
@@ -396,14 +411,11 @@ def pass_gaussians(
     """Channels ``lo..lo+C`` at flat positions ``pos``: means (hyper mean + correction) into ``mu``
     and scale indexes into ``indexes`` (``C x len(pos)``); ``means``, ``log_scales``: ``M x P``,
     ``d_mean``, ``d_log``: ``C x P``."""
-    inv = 1.0 / SCALE_LOG_STEP
-    top = float(SCALE_LEVELS - 1)
     for c in range(mu.shape[0]):
         for t in range(mu.shape[1]):
             p = pos[t]
             mu[c, t] = means[lo + c, p] + d_mean[c, p]
-            v = np.ceil((log_scales[lo + c, p] + d_log[c, p] - SCALE_LOG_MIN) * inv)
-            indexes[c, t] = min(max(v, 0.0), top)
+            indexes[c, t] = _scale_index(log_scales[lo + c, p] + d_log[c, p])
 
 
 @numba.njit(cache=False, nogil=True)
@@ -412,15 +424,13 @@ def pass_update(
 ) -> None:  # pragma: no cover - compiled
     """Record a pass's decoded latents (``symbols + mu``) in ``y_hat`` and their grid residuals
     about the hyper means in ``residual`` (both ``M x P``); ``symbols``: flat int32, ``C x len(pos)``."""
-    scale = float(2**ACT_BITS)
     n = mu.shape[1]
     for c in range(mu.shape[0]):
         for t in range(n):
             p = pos[t]
             yk = symbols[c * n + t] + mu[c, t]
             y_hat[lo + c, p] = yk
-            r = np.rint((yk - means[lo + c, p]) * scale) / scale
-            residual[lo + c, p] = min(max(r, -_A_MAX), _A_MAX)
+            residual[lo + c, p] = _residual(yk, means[lo + c, p])
 
 
 def warm_up() -> None:
@@ -586,20 +596,14 @@ def _gaussians_q8(
 ) -> None:  # pragma: no cover - compiled
     """``pass_gaussians`` from the context's last int32 sums (``len(pos) x 2C``: mean corrections,
     then log-scale corrections), rescaled and clamped as ``int8._values`` does."""
-    inv = 1.0 / SCALE_LOG_STEP
-    top = float(SCALE_LEVELS - 1)
-    scale = 2.0**-VALUE_BITS
     c_out = mu.shape[0]
     for c in range(c_out):
         for t in range(mu.shape[1]):
             p = pos[t]
-            v = _round_shift(np.int64(acc[t, c]) + bias[c], mult[c], MULT_BITS)
-            d_mean = min(max(v * scale, -CORRECTION_MAX), CORRECTION_MAX)
-            v = _round_shift(np.int64(acc[t, c_out + c]) + bias[c_out + c], mult[c_out + c], MULT_BITS)
-            d_log = min(max(v * scale, -CORRECTION_MAX), CORRECTION_MAX)
+            d_mean = _value(acc[t, c], bias[c], mult[c], CORRECTION_MAX)
+            d_log = _value(acc[t, c_out + c], bias[c_out + c], mult[c_out + c], CORRECTION_MAX)
             mu[c, t] = means[lo + c, p] + d_mean
-            s = np.ceil((log_scales[lo + c, p] + d_log - SCALE_LOG_MIN) * inv)
-            indexes[c, t] = min(max(s, 0.0), top)
+            indexes[c, t] = _scale_index(log_scales[lo + c, p] + d_log)
 
 
 @numba.njit(cache=False, nogil=True)
@@ -608,17 +612,12 @@ def _update_q8(
 ) -> None:  # pragma: no cover - compiled
     """``pass_update``, with each residual stored as ``int8._latent_planes`` stores it: rounded to the
     int16 latent grid, as two int8 halves, at row ``at[t]`` of the padded ``planes`` (``2 x rows x M``)."""
-    scale = float(2**ACT_BITS)
-    latent = float(1 << LATENT_FRAC_BITS)
     n = mu.shape[1]
     for c in range(mu.shape[0]):
         for t in range(n):
             p = pos[t]
             yk = symbols[c * n + t] + mu[c, t]
             y_hat[lo + c, p] = yk
-            r = np.rint((yk - means[lo + c, p]) * scale) / scale
-            r = min(max(r, -_A_MAX), _A_MAX)
-            v = int(min(max(np.rint(r * latent), -_LATENT_MAX), _LATENT_MAX))
-            low = ((v + 128) & 255) - 128
-            planes[0, at[t], lo + c] = (v - low) >> 8
+            hi, low = _latent_halves(_residual(yk, means[lo + c, p]))
+            planes[0, at[t], lo + c] = hi
             planes[1, at[t], lo + c] = low

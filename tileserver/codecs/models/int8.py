@@ -296,19 +296,25 @@ def _round_shift(v: Any, mult: Any, bits: int) -> Any:  # pragma: no cover - com
     return (v * mult + (np.int64(1) << (bits - 1))) >> bits
 
 
+@numba.njit(cache=False, nogil=True, inline="always")
+def _latent_halves(y: float) -> tuple[int, int]:  # pragma: no cover - compiled
+    """One latent value -> the (high, low) int8 halves of its int16 grid value (as :func:`_latent_int`)."""
+    v = int(min(max(np.rint(y * float(1 << LATENT_FRAC_BITS)), -_LATENT_MAX), _LATENT_MAX))
+    lo = ((v + 128) & 255) - 128
+    return (v - lo) >> 8, lo
+
+
 @numba.njit(cache=False, nogil=True)
 def _latent_planes(y: Any, planes: Any) -> None:  # pragma: no cover - compiled
     """float64 ``N x M x h x w`` latents -> ``planes[0]`` (high) and ``planes[1]`` (low) int8 halves
     of the int16 latent, ``N x h+2 x w+2 x M`` each with a zero border (as :func:`_latent_int`)."""
     n, m, h, w = y.shape
-    scale = float(1 << LATENT_FRAC_BITS)
     for b in range(n):
         for c in range(m):
             for i in range(h):
                 for j in range(w):
-                    v = int(min(max(np.rint(y[b, c, i, j] * scale), -_LATENT_MAX), _LATENT_MAX))
-                    lo = ((v + 128) & 255) - 128
-                    planes[0, b, i + 1, j + 1, c] = (v - lo) >> 8
+                    hi, lo = _latent_halves(y[b, c, i, j])
+                    planes[0, b, i + 1, j + 1, c] = hi
                     planes[1, b, i + 1, j + 1, c] = lo
 
 
@@ -487,6 +493,13 @@ def _hidden(acc: Any, bias: Any, mult: Any, out: Any) -> None:  # pragma: no cov
             out[r, k] = min(max(v, 0), 255) - 128
 
 
+@numba.njit(cache=False, nogil=True, inline="always")
+def _value(acc: Any, bias: Any, mult: Any, limit: float) -> Any:  # pragma: no cover - compiled
+    """One int32 sum -> its output on the ``2**-VALUE_BITS`` grid, clamped to +-``limit`` (as :func:`values`)."""
+    v = _round_shift(np.int64(acc) + bias, mult, MULT_BITS)
+    return min(max(v * 2.0**-VALUE_BITS, -limit), limit)
+
+
 @numba.njit(cache=False, nogil=True)
 def _values(acc: Any, bias: Any, mult: Any, limit: float, shuffle: bool, out: Any) -> None:  # pragma: no cover
     """``acc``: ``(N*h*w) x C`` int32 -> float64 multiples of 2**-VALUE_BITS, clamped to +-``limit``,
@@ -495,15 +508,13 @@ def _values(acc: Any, bias: Any, mult: Any, limit: float, shuffle: bool, out: An
     c = acc.shape[1]
     hw = acc.shape[0] // n
     w = out.shape[3] // 2 if shuffle else out.shape[3]
-    scale = 2.0**-VALUE_BITS
     h = hw // w if w else 0
     for b in range(n):
         for k in range(c):  # channel by channel: contiguous writes, strided reads (faster here)
             bk, mk = bias[k], mult[k]
             for i in range(h):
                 for j in range(w):
-                    v = _round_shift(np.int64(acc[b * hw + i * w + j, k]) + bk, mk, MULT_BITS)
-                    x = min(max(v * scale, -limit), limit)
+                    x = _value(acc[b * hw + i * w + j, k], bk, mk, limit)
                     if shuffle:
                         out[b, k >> 2, 2 * i + ((k >> 1) & 1), 2 * j + (k & 1)] = x
                     else:
