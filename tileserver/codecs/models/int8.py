@@ -322,7 +322,8 @@ def _latent_planes(y: Any, planes: Any) -> None:  # pragma: no cover - compiled
 def _requant(  # pragma: no cover - compiled
     acc: Any, halves: bool, bias: Any, mult: Any, n: int, h: int, w: int, out: Any
 ) -> None:
-    """``clamp(round((acc + B) * m), 0, 255) - 128``, 2x-shuffled into the interior of padded ``out``.
+    """``clamp(round((acc + B) * m), 0, 255) - 128``, 2x-shuffled into the interior of padded ``out``
+    (``acc``'s columns, ``B`` and ``m`` in :func:`_shuffle_order`).
 
     With ``halves`` the accumulator is ``256 * acc[:R] + acc[R:]`` (the latent's two halves)."""
     rows = n * h * w
@@ -335,12 +336,23 @@ def _requant(  # pragma: no cover - compiled
                     for t in range(2):
                         dst = out[b, 1 + 2 * i + s, 1 + 2 * j + t]
                         for ch in range(c):
-                            k = ch * 4 + s * 2 + t
+                            k = (s * 2 + t) * c + ch
                             v = np.int64(acc[r, k])
                             if halves:
                                 v = v * 256 + acc[rows + r, k]
                             v = _round_shift(v + bias[k], mult[k], MULT_BITS)
                             dst[ch] = min(max(v, 0), 255) - 128
+
+
+def _shuffle_order(c: int) -> Any:
+    """The CPU path's column order for a layer followed by a 2x pixel shuffle to ``c`` channels:
+    (shuffle row, shuffle column, channel), so the values one output position takes are contiguous."""
+    return np.array([ch * 4 + i * 2 + j for i in range(2) for j in range(2) for ch in range(c)])
+
+
+#: the CPU path's column order for the inverse KLT: (block row, column, channel), so one block
+#: row's 8 pixels x 3 channels are contiguous as in the output image
+_BASE_ORDER = np.array([c * 64 + i * 8 + j for i in range(8) for j in range(8) for c in range(3)])
 
 
 @numba.njit(cache=False, nogil=True)
@@ -349,30 +361,63 @@ def _final(
 ) -> None:  # pragma: no cover - compiled
     """Pixels: base image plus the last layer, rounded from the ``2**-PIXEL_BITS`` grid, ``N x 8lh x 8lw x 3``.
 
-    ``acc``: the last layer's ``(N * 4lh * 4lw) x 12`` accumulators; ``base``: the inverse KLT's
-    ``2Q x 384`` products of the latent halves (``Q = N * lh * lw`` positions; high/low latent
-    half x high/low weight half), channel ``c * 64 + row * 8 + column`` of an 8x8 block.
+    ``acc``: the last layer's ``(N * 4lh * 4lw) x 12`` accumulators, columns in ``_shuffle_order(3)``;
+    ``base``: the inverse KLT's ``2Q x 384`` products of the latent halves (``Q = N * lh * lw``
+    positions; high/low latent half x high/low weight half), each half's 192 columns in
+    ``_BASE_ORDER``; ``bias``, ``mult``, ``unit`` and ``base_bias`` in the same orders.
     """
     q_rows = n * lh * lw
     limit = np.int64(BASE_CLAMP * 255) << PIXEL_BITS
+    half = np.int64(1) << (PIXEL_BITS - 1)
+    rows = out.reshape(n, 8 * lh, 24 * lw)
+    pix = np.empty(192, np.int64)  # one block's base image, clamped, plus the rounding half
+    res = np.empty(12, np.int64)  # one last-layer position's residuals: a 2 x 2 pixel pair
     for b in range(n):
-        for y in range(8 * lh):
-            for x in range(8 * lw):
-                r = (b * 4 * lh + (y >> 1)) * 4 * lw + (x >> 1)
-                q = (b * lh + (y >> 3)) * lw + (x >> 3)
-                for ch in range(3):
-                    k = ch * 4 + (y & 1) * 2 + (x & 1)
-                    res = ((np.int64(acc[r, k]) + bias[k]) * mult[k]) << (PIXEL_BITS - MULT_BITS)
-                    kb = ch * 64 + (y & 7) * 8 + (x & 7)
-                    p = np.int64(base[q, kb]) * 65536 + (np.int64(base[q, 192 + kb]) + base[q_rows + q, kb]) * 256
-                    p += base[q_rows + q, 192 + kb]
-                    v = min(max(p * unit[kb] + base_bias[kb], -limit), limit)
-                    out[b, y, x, ch] = min(max(_round_shift(v + res, np.int64(1), PIXEL_BITS), 0), 255)
+        for bi in range(lh):
+            for bj in range(lw):
+                q = (b * lh + bi) * lw + bj
+                hi, lo = base[q], base[q_rows + q]
+                for kb in range(192):
+                    p = np.int64(hi[kb]) * 65536 + (np.int64(hi[192 + kb]) + lo[kb]) * 256 + lo[192 + kb]
+                    pix[kb] = min(max(p * unit[kb] + base_bias[kb], -limit), limit) + half
+                for sy in range(4):
+                    r0 = (b * 4 * lh + 4 * bi + sy) * 4 * lw + 4 * bj
+                    for sx in range(4):
+                        a = acc[r0 + sx]
+                        for k in range(12):
+                            res[k] = ((np.int64(a[k]) + bias[k]) * mult[k]) << (PIXEL_BITS - MULT_BITS)
+                        for dy in range(2):
+                            dst = rows[b, 8 * bi + 2 * sy + dy, 24 * bj + 6 * sx : 24 * bj + 6 * sx + 6]
+                            src = pix[(2 * sy + dy) * 24 + 6 * sx :]
+                            for u in range(6):
+                                dst[u] = min(max((src[u] + res[6 * dy + u]) >> PIXEL_BITS, 0), 255)
+
+
+@numba.njit(cache=False, nogil=True)
+def _im2col(xp: Any, out: Any) -> None:  # pragma: no cover - compiled
+    """:func:`_window` into ``out``, compiled: each row is three contiguous runs of ``3C`` values of
+    the padded input (about twice as fast as torch's strided copy of the same view)."""
+    n, hp, wp, c = xp.shape
+    run = 3 * c
+    rows = xp.reshape(n, hp, wp * c)
+    r = 0
+    for b in range(n):
+        for i in range(hp - 2):
+            for j in range(wp - 2):
+                for dy in range(3):
+                    src = rows[b, i + dy, j * c : j * c + run]
+                    dst = out[r, dy * run : (dy + 1) * run]
+                    for k in range(run):
+                        dst[k] = src[k]
+                r += 1
 
 
 def _conv(xp: Any, w: Tensor) -> Any:
     """3x3 convolution of padded int8 ``xp`` (numpy) with im2col weights ``w``: int32 ``(N*H*W) x C_out``."""
-    return _mm(_window(torch.from_numpy(xp)), w).numpy()
+    n, hp, wp, c = xp.shape
+    cols = np.empty((n * (hp - 2) * (wp - 2), 9 * c), np.int8)
+    _im2col(xp, cols)
+    return _mm(torch.from_numpy(cols), w).numpy()
 
 
 def synthesizer(model: KLTPS, device: torch.device) -> Callable[[Tensor], Tensor]:
@@ -381,9 +426,12 @@ def synthesizer(model: KLTPS, device: torch.device) -> Callable[[Tensor], Tensor
     q = int8_layers(model)
     if device.type != "cpu":
         return lambda y_hat: reference(model, y_hat, q)
-    base_unit, base_bias = q.base_unit.numpy(), q.base_bias.numpy()
-    (w1, w2, w3) = (x.w for x in q.layers)
-    (b1, b2, b3), (m1, m2, m3) = ([x.bias.numpy() for x in q.layers], [x.mult.numpy() for x in q.layers])
+    base_w = torch.cat([q.base_w[:, _BASE_ORDER], q.base_w[:, 192 + _BASE_ORDER]], 1).contiguous()
+    base_unit, base_bias = q.base_unit.numpy()[_BASE_ORDER], q.base_bias.numpy()[_BASE_ORDER]
+    orders = [_shuffle_order(x.w.shape[1] // 4) for x in q.layers]
+    (w1, w2, w3) = (x.w[:, o].contiguous() for x, o in zip(q.layers, orders, strict=True))
+    (b1, b2, b3) = (x.bias.numpy()[o] for x, o in zip(q.layers, orders, strict=True))
+    (m1, m2, m3) = (x.mult.numpy()[o] for x, o in zip(q.layers, orders, strict=True))
 
     def run(y_hat: Tensor) -> Tensor:
         y = np.ascontiguousarray(y_hat.detach().cpu().double().numpy())
@@ -391,7 +439,7 @@ def synthesizer(model: KLTPS, device: torch.device) -> Callable[[Tensor], Tensor
         planes = np.zeros((2, n, h + 2, w + 2, m), np.int8)
         _latent_planes(y, planes)
         rows = np.ascontiguousarray(planes[:, :, 1:-1, 1:-1]).reshape(-1, m)  # unpadded: a faster shape
-        base = _mm(torch.from_numpy(rows), q.base_w).numpy()
+        base = _mm(torch.from_numpy(rows), base_w).numpy()
         acc = _conv(planes.reshape(2 * n, h + 2, w + 2, m), w1)
         x1 = np.full((n, 2 * h + 2, 2 * w + 2, acc.shape[1] // 4), -128, np.int8)
         _requant(acc, True, b1, m1, n, h, w, x1)
