@@ -550,23 +550,28 @@ def _value(acc: Any, bias: Any, mult: Any, limit: float) -> Any:  # pragma: no c
 
 @numba.njit(cache=False, nogil=True)
 def _values(acc: Any, bias: Any, mult: Any, limit: float, shuffle: bool, out: Any) -> None:  # pragma: no cover
-    """``acc``: ``(N*h*w) x C`` int32 -> float64 multiples of 2**-VALUE_BITS, clamped to +-``limit``,
-    into ``out``: ``N x C x h x w``, or with ``shuffle`` ``N x C/4 x 2h x 2w`` (a 2x pixel shuffle)."""
+    """``acc``: ``C x (N*h*w)`` int32 (channel-major) -> float64 multiples of 2**-VALUE_BITS, clamped to
+    +-``limit``, into ``out``: ``N x C x h x w``, or with ``shuffle`` ``N x C/4 x 2h x 2w`` (a 2x pixel shuffle)."""
     n = out.shape[0]
-    c = acc.shape[1]
-    hw = acc.shape[0] // n
+    c = acc.shape[0]
+    hw = acc.shape[1] // n
     w = out.shape[3] // 2 if shuffle else out.shape[3]
     h = hw // w if w else 0
     for b in range(n):
-        for k in range(c):  # channel by channel: contiguous writes, strided reads (faster here)
+        for k in range(c):
             bk, mk = bias[k], mult[k]
-            for i in range(h):
-                for j in range(w):
-                    x = _value(acc[b * hw + i * w + j, k], bk, mk, limit)
-                    if shuffle:
-                        out[b, k >> 2, 2 * i + ((k >> 1) & 1), 2 * j + (k & 1)] = x
-                    else:
-                        out[b, k, i, j] = x
+            src = acc[k, b * hw : (b + 1) * hw]
+            if shuffle:
+                dst = out[b, k >> 2]
+                di, dj = (k >> 1) & 1, k & 1
+                for i in range(h):
+                    for j in range(w):
+                        dst[2 * i + di, 2 * j + dj] = _value(src[i * w + j], bk, mk, limit)
+            else:
+                plane = out[b, k]
+                for i in range(h):
+                    for j in range(w):
+                        plane[i, j] = _value(src[i * w + j], bk, mk, limit)
 
 
 def small_conv(x: Tensor, first: QConv, second: QConv, *, limit: float = math.inf, shuffle: bool = False) -> Tensor:
@@ -589,7 +594,9 @@ def small_conv(x: Tensor, first: QConv, second: QConv, *, limit: float = math.in
     if shuffle:
         a = _shuffle_ref(a.reshape(n, h, w, width), 2).reshape(-1, width // 4)
         h, w = 2 * h, 2 * w
-    acc = _mm(a, second.w).numpy()
+    # The second layer's sums channel-major (its weights times the hidden layer, transposed), so
+    # that _values reads each output channel contiguously.
+    acc = _mm(second.w.T.contiguous(), a.T).numpy()
     c_out = second.w.shape[1]
     out = np.empty((n, c_out // 4, 2 * h, 2 * w) if shuffle else (n, c_out, h, w))
     _values(acc, second.bias.numpy(), second.mult.numpy(), limit, shuffle, out)
