@@ -279,6 +279,20 @@ def test_decode_batch_bit_identical_to_single(
         assert np.array_equal(single, res)
 
 
+def test_synthesis_passes_of_two_fill_and_flush_per_shape(tiny_weights: Path, real_tiles: list[np.ndarray]) -> None:
+    # Passes run as soon as two latents of one shape are decoded; shapes left with one are
+    # synthesized at the end; every tile lands in its own slot, corrupt ones too.
+    codec = NeuralCodec(1, weights_dir=tiny_weights, synthesis_batch=2)
+    blobs = codec.encode_batch(_mixed_tiles(real_tiles, 9))
+    singles = [codec.decode(b) for b in blobs]
+    mixed = [blobs[0], b"garbage", *blobs[1:]]
+    results = codec.decode_batch(mixed)
+    assert isinstance(results[1], CorruptTile)
+    for single, res in zip(singles, [results[0], *results[2:]], strict=True):
+        assert isinstance(res, np.ndarray)
+        assert np.array_equal(single, res)
+
+
 @pytest.mark.parametrize("n_threads", [1, 2])
 def test_shipped_model_batch_bit_identical(real_tiles: list[np.ndarray], n_threads: int, threads: None) -> None:
     q = neural.available_qualities()[-1]

@@ -647,7 +647,9 @@ class NeuralCodec:
         return m.coder.decode(payload, lh, lw), height, width
 
     def decode_batch(self, blobs: Sequence[bytes]) -> list[Tile | CorruptTile]:
-        """Decode many tiles: entropy decoding per tile, one synthesis pass per latent shape.
+        """Decode many tiles: entropy decoding per tile, synthesis passes of up to the synthesis
+        batch of latents of one shape, each run as soon as it is full (on CPU, where the pass is
+        one tile, right after the tile's entropy decoding, while its latent is still in cache).
 
         A bad blob yields its ``CorruptTile`` in its slot; the others decode normally.
         """
@@ -655,23 +657,30 @@ class NeuralCodec:
 
         m = self._load()
         out: list[Tile | CorruptTile] = [CorruptTile("neural: not decoded")] * len(blobs)
-        groups: dict[tuple[int, int], list[tuple[int, Any, int, int]]] = {}
-        for i, blob in enumerate(blobs):
-            try:
-                latent, height, width = self._latent(m, bytes(blob))
-            except CorruptTile as exc:
-                out[i] = exc
-                continue
-            groups.setdefault(latent.shape[1:], []).append((i, latent, height, width))
         chunk = self._synthesis_batch or (CPU_SYNTHESIS_BATCH if m.device.type == "cpu" else len(blobs))
+        groups: dict[tuple[int, int], list[tuple[int, Any, int, int]]] = {}
+
+        def synthesize(items: list[tuple[int, Any, int, int]]) -> None:
+            y = torch.from_numpy(np.stack([it[1] for it in items]))
+            pixels = m.synthesize(y.to(m.device)).permute(0, 2, 3, 1).cpu().numpy()
+            for (i, _, height, width), px in zip(items, pixels, strict=True):
+                out[i] = np.ascontiguousarray(px[:height, :width])
+
         with torch.inference_mode():
+            for i, blob in enumerate(blobs):
+                try:
+                    latent, height, width = self._latent(m, bytes(blob))
+                except CorruptTile as exc:
+                    out[i] = exc
+                    continue
+                group = groups.setdefault(latent.shape[1:], [])
+                group.append((i, latent, height, width))
+                if len(group) == chunk:
+                    synthesize(group)
+                    group.clear()
             for group in groups.values():
-                for start in range(0, len(group), chunk):
-                    items = group[start : start + chunk]
-                    y = torch.from_numpy(np.stack([it[1] for it in items]))
-                    pixels = m.synthesize(y.to(m.device)).permute(0, 2, 3, 1).cpu().numpy()
-                    for (i, _, height, width), px in zip(items, pixels, strict=True):
-                        out[i] = np.ascontiguousarray(px[:height, :width])
+                if group:
+                    synthesize(group)
         return out
 
 
