@@ -14,11 +14,12 @@ a value outside the table follows as 4-bit groups (a run-length count of groups,
 15 meaning "and more", then the groups, least significant first) of
 ``2 * (value - max)`` above the table or ``-2 * value - 1`` below it.
 
-A symbol is found from a per-table index of 256 buckets of cumulative frequency (the
-symbols at each bucket's ends), so most take no search at all: at pathology rates nearly
-every symbol is 0 or ±1 under a narrow Gaussian.  This halved the decoder's time (1.47 →
-0.80 ms for a quality-3 tile's 98,304 symbols, ``bench/rans.py``) against a bisection of
-the whole table.
+A symbol is found from a per-table index of 256 buckets of cumulative frequency: a bucket
+that one symbol's range covers gives that symbol and its range outright, any other the
+symbols at its two ends to bisect between.  At pathology rates nearly every symbol is 0 or
+±1 under a narrow Gaussian, so most take no search and no further table reads.  Against a
+bisection of the whole table this took a quality-3 tile's 98,304 symbols from 1.47 to
+0.80 ms (``bench/rans.py``; the bucket ends alone), then to 0.63 ms (ranges in the index).
 
 Every read is bounds-checked: a damaged stream yields ``CorruptTile``, never a read
 past its buffer (CompressAI's decoder does not check, hence the zero padding the
@@ -82,16 +83,21 @@ def _decode(
         cum = int(state & mask)
         # The symbol is the last CDF entry not above cum (the CDF rises strictly from 0 to 2**16),
         # between the symbols at the two ends of cum's bucket; usually it is the only one there.
-        b = cum >> _BUCKET_BITS
-        lo, hi = buckets[t, b], buckets[t, b + 1] + 1
-        while hi - lo > 1:
-            mid = (lo + hi) >> 1
-            if cdfs[t, mid] <= cum:
-                lo = mid
-            else:
-                hi = mid
-        start = cdfs[t, lo]
-        freq = cdfs[t, lo + 1] - start
+        e = buckets[t, cum >> _BUCKET_BITS]
+        if e >= 0:  # one symbol spans the bucket: it comes with its range
+            lo, start, freq = e & 0xFFFF, (e >> 16) & 0xFFFF, e >> 32
+        else:
+            lo = -1 - e
+            e = buckets[t, (cum >> _BUCKET_BITS) + 1]
+            hi = (e & 0xFFFF if e >= 0 else -1 - e) + 1
+            while hi - lo > 1:
+                mid = (lo + hi) >> 1
+                if cdfs[t, mid] <= cum:
+                    lo = mid
+                else:
+                    hi = mid
+            start = cdfs[t, lo]
+            freq = cdfs[t, lo + 1] - start
         state = np.uint64(freq) * (state >> np.uint64(_PRECISION)) + np.uint64(cum - start)
         if state < low:
             if pos >= n_words:
@@ -132,12 +138,19 @@ class Tables:
         for i, (row, n) in enumerate(zip(cdfs, lengths, strict=True)):
             self.cdfs[i, :n] = row[:n]
         self.lengths = np.asarray(lengths, dtype=np.int32)
-        # buckets[t, b]: the symbol whose range holds cumulative frequency b * 2**_BUCKET_BITS
-        # (and n - 2, the last, for b = 2**16 / 2**_BUCKET_BITS)
+        # Bucket b of table t holds cumulative frequencies b * 2**_BUCKET_BITS onwards; its entry names
+        # the symbol s whose range holds the first of them: s + start << 16 + freq << 32 when s's
+        # range covers the whole bucket, -1 - s when the bucket ends in another symbol's range.
+        # (An extra bucket past the end names the last symbol, n - 2.)
         starts = np.arange(0, (1 << _PRECISION) + 1, 1 << _BUCKET_BITS)
-        self.buckets = np.empty((len(cdfs), starts.size), dtype=np.int32)
+        self.buckets = np.empty((len(cdfs), starts.size), dtype=np.int64)
         for i, n in enumerate(self.lengths):
-            self.buckets[i] = np.minimum(np.searchsorted(self.cdfs[i, :n], starts, side="right") - 1, n - 2)
+            cdf = self.cdfs[i, :n].astype(np.int64)
+            first = np.minimum(np.searchsorted(cdf, starts, side="right") - 1, n - 2)
+            last = np.minimum(np.searchsorted(cdf, starts + (1 << _BUCKET_BITS) - 1, side="right") - 1, n - 2)
+            whole = (first == last) & (starts < 1 << _PRECISION)
+            start, freq = cdf[first], cdf[np.minimum(first + 1, n - 1)] - cdf[first]
+            self.buckets[i] = np.where(whole, first + (start << 16) + (freq << 32), -1 - first)
         self.offsets = np.asarray(offsets, dtype=np.int32)
         if (self.lengths < 2).any():
             raise ValueError("every CDF needs at least two entries")
