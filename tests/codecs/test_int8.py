@@ -7,6 +7,7 @@ import platform
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -206,15 +207,22 @@ def test_fused_passes_equal_the_generic_passes(image: np.ndarray, shape: tuple[i
     # Int8Passes (CPU: residuals kept as int8 halves, context only where a pass codes, sums
     # straight to Gaussians) must give every symbol the Gaussian FloatPasses gives it over the
     # same int8 context: both walk the same passes with the same symbols, extreme ones included.
-    from tileserver.codecs.models.context import FloatPasses, Int8Passes, anchor_mask
+    from tileserver.codecs.models.context import FloatPasses
 
     model = _q8_context(image)
     cpu = torch.device("cpu")
     h, w = shape
-    fused = model.pass_coder(cpu)(h, w)
-    generic = FloatPasses(model.exact_context(cpu), model.M, h, w, cpu)
-    assert isinstance(fused, Int8Passes)
+    coder = model.pass_coder(cpu)
     rng = np.random.default_rng(7)
+    for _ in range(2):  # a second latent of the same coder (which keeps what does not depend on it)
+        _walk_both(model, coder(h, w), FloatPasses(model.exact_context(cpu), model.M, h, w, cpu), rng)
+
+
+def _walk_both(model: Any, fused: Any, generic: Any, rng: np.random.Generator) -> None:
+    from tileserver.codecs.models.context import Int8Passes, anchor_mask
+
+    assert isinstance(fused, Int8Passes)
+    h, w = fused.h, fused.w
     means = np.round(rng.normal(0, 4, (model.M, h * w)) * 2**10) / 2**10
     logs = np.round(rng.normal(0, 2, (model.M, h * w)) * 2**10) / 2**10
     anchors = anchor_mask(h, w).reshape(-1).numpy()
@@ -272,6 +280,7 @@ def test_the_matrix_product_other_devices_use_is_exact() -> None:
 _DECODE_IN_CHILD = """
 import sys, numpy as np
 from pathlib import Path
+from typing import Any
 from tileserver.codecs.models.int8 import int_mm_is_exact
 from tileserver.codecs.neural import NeuralCodec
 blob = Path(sys.argv[1]).read_bytes()

@@ -356,7 +356,8 @@ class KLTContext(KLTHyper):
             layers = self._int8_context_layers()
             Int8Passes.warm_up()
             rows: dict[tuple[int, int, bool | None], tuple[Any, Any]] = {}
-            return lambda h, w: Int8Passes(layers, self.bounds, h, w, rows)
+            constant: dict[tuple[int, int], Any] = {}  # a slice's sums before anything is decoded
+            return lambda h, w: Int8Passes(layers, self.bounds, h, w, rows, constant)
         context = self.exact_context(device)
         return lambda h, w: FloatPasses(context, self.M, h, w, device)
 
@@ -516,8 +517,9 @@ class Int8Passes:
         h: int,
         w: int,
         rows: dict[tuple[int, int, bool | None], tuple[Any, Any]],
+        constant: dict[tuple[int, int], Any],
     ) -> None:
-        self.layers, self.h, self.w, self._rows = layers, h, w, rows
+        self.layers, self.h, self.w, self._rows, self._constant = layers, h, w, rows, constant
         self.planes = np.zeros((2, (h + 2) * (w + 2), bounds[-1]), np.int8)  # rows of the padded h+2 x w+2
         self._at: Any = None
 
@@ -547,16 +549,22 @@ class Int8Passes:
             return
         only_prev, both, out = self.layers[k]
         first, c_in = (both, hi) if where is False else (only_prev, lo)
-        width = first.w.shape[1]
-        if c_in:
-            rows = np.empty((2, len(pos), 9 * c_in), np.int8)
-            _window_q8(self.planes, c_in, self._at, self.w, rows)
-            acc = _mm(torch.from_numpy(rows.reshape(2 * len(pos), -1)), first.w).numpy()
-        else:  # nothing decoded yet: the layer is its bias
-            acc = np.zeros((2 * len(pos), width), np.int32)
-        hidden = np.empty((len(pos), width), np.int8)
-        _hidden(acc, first.bias.numpy(), first.mult.numpy(), hidden)
-        acc = _mm(torch.from_numpy(hidden), out.w).numpy()
+        key = (k, len(pos))
+        acc = self._constant.get(key) if not c_in else None
+        if acc is None:
+            width = first.w.shape[1]
+            if c_in:
+                rows = np.empty((2, len(pos), 9 * c_in), np.int8)
+                _window_q8(self.planes, c_in, self._at, self.w, rows)
+                acc = _mm(torch.from_numpy(rows.reshape(2 * len(pos), -1)), first.w).numpy()
+            else:  # nothing decoded yet: the layer is its bias
+                acc = np.zeros((2 * len(pos), width), np.int32)
+            hidden = np.empty((len(pos), width), np.int8)
+            _hidden(acc, first.bias.numpy(), first.mult.numpy(), hidden)
+            acc = _mm(torch.from_numpy(hidden), out.w).numpy()
+            if not c_in:  # the same sums for every latent: kept (read-only) for the next one
+                acc.flags.writeable = False
+                self._constant[key] = acc
         _gaussians_q8(acc, out.bias.numpy(), out.mult.numpy(), means, log_scales, lo, pos, mu, indexes)
 
     def update(self, symbols: Any, mu: Any, means: Any, lo: int, pos: Any, y_hat: Any) -> None:
@@ -571,6 +579,8 @@ class Int8Passes:
         _window_q8(planes, 1, at, 1, rows)
         acc, vec = np.zeros((1, 2), np.int32), np.zeros(2, np.int64)
         grid, mu, indexes = np.zeros((1, 1)), np.empty((1, 1)), np.empty((1, 1), np.int32)
+        _gaussians_q8(acc, vec, vec, grid, grid, 0, pos, mu, indexes)
+        acc.flags.writeable = False  # as the cached sums of a slice with nothing decoded are
         _gaussians_q8(acc, vec, vec, grid, grid, 0, pos, mu, indexes)
         _update_q8(np.zeros(1, np.int32), mu, grid, 0, pos, at, grid.copy(), planes)
 
