@@ -59,6 +59,7 @@ __all__ = [
     "CORRECTION_MAX",
     "FloatPasses",
     "Int8Passes",
+    "Int8Shared",
     "KLTContext",
     "Passes",
     "anchor_mask",
@@ -353,11 +354,9 @@ class KLTContext(KLTHyper):
         calls pass by pass.  :class:`Int8Passes` for an ``int8_entropy`` model on CPU (the same
         values, fused and computed only where a pass codes), else :class:`FloatPasses`."""
         if self.int8_entropy and device.type == "cpu":
-            layers = self._int8_context_layers()
+            shared = Int8Shared(self._int8_context_layers())
             Int8Passes.warm_up()
-            rows: dict[tuple[int, int, bool | None], tuple[Any, Any]] = {}
-            constant: dict[tuple[int, int], Any] = {}  # a slice's sums before anything is decoded
-            return lambda h, w: Int8Passes(layers, self.bounds, h, w, rows, constant)
+            return lambda h, w: Int8Passes(shared, self.bounds, h, w)
         context = self.exact_context(device)
         return lambda h, w: FloatPasses(context, self.M, h, w, device)
 
@@ -497,6 +496,22 @@ class FloatPasses:
         pass_update(symbols, mu, means, lo, pos, y_hat, self.residual)
 
 
+class Int8Shared:
+    """What a coder's :class:`Int8Passes` share from latent to latent: the context's layers
+    (``_int8_context_layers``), their biases and multipliers as numpy arrays, each kind of pass's
+    rows in the padded planes (per latent size) and each slice's sums before anything is decoded
+    (the same for every latent; read-only).  Entries are only ever added, whole."""
+
+    def __init__(self, layers: dict[int, tuple[QConv, QConv, QConv]]) -> None:
+        self.layers = layers
+        self.arrays = {
+            k: (first.bias.numpy(), first.mult.numpy(), out.bias.numpy(), out.mult.numpy())
+            for k, (_, first, out) in layers.items()
+        }
+        self.rows: dict[tuple[int, int, bool | None], tuple[Any, Any]] = {}
+        self.constant: dict[tuple[int, int], Any] = {}
+
+
 class Int8Passes:
     """The int8 context on CPU, fused: the same integers as :class:`FloatPasses` over the int8
     context (tested bit-equal), with less work.
@@ -510,16 +525,8 @@ class Int8Passes:
       (:func:`_gaussians_q8`), with no float64 correction maps in between.
     """
 
-    def __init__(
-        self,
-        layers: dict[int, tuple[QConv, QConv, QConv]],
-        bounds: list[int],
-        h: int,
-        w: int,
-        rows: dict[tuple[int, int, bool | None], tuple[Any, Any]],
-        constant: dict[tuple[int, int], Any],
-    ) -> None:
-        self.layers, self.h, self.w, self._rows, self._constant = layers, h, w, rows, constant
+    def __init__(self, shared: Int8Shared, bounds: list[int], h: int, w: int) -> None:
+        self.layers, self.h, self.w, self._shared = shared.layers, h, w, shared
         self.planes = np.zeros((2, (h + 2) * (w + 2), bounds[-1]), np.int8)  # rows of the padded h+2 x w+2
         self._at: Any = None
 
@@ -527,11 +534,11 @@ class Int8Passes:
         """A pass's positions -> their rows in the padded planes; cached per latent size and kind of
         pass for the coder's own (cached) position arrays, computed afresh for any others."""
         key = (self.h, self.w, where)
-        cached = self._rows.get(key)
+        cached = self._shared.rows.get(key)
         if cached is not None and cached[0] is pos:
             return cached[1]
         at = (pos // self.w + 1) * (self.w + 2) + pos % self.w + 1
-        self._rows[key] = (pos, at)
+        self._shared.rows[key] = (pos, at)
         return at
 
     def gaussians(
@@ -549,8 +556,9 @@ class Int8Passes:
             return
         only_prev, both, out = self.layers[k]
         first, c_in = (both, hi) if where is False else (only_prev, lo)
+        bias_in, mult_in, bias_out, mult_out = self._shared.arrays[k]
         key = (k, len(pos))
-        acc = self._constant.get(key) if not c_in else None
+        acc = self._shared.constant.get(key) if not c_in else None
         if acc is None:
             width = first.w.shape[1]
             if c_in:
@@ -560,12 +568,12 @@ class Int8Passes:
             else:  # nothing decoded yet: the layer is its bias
                 acc = np.zeros((2 * len(pos), width), np.int32)
             hidden = np.empty((len(pos), width), np.int8)
-            _hidden(acc, first.bias.numpy(), first.mult.numpy(), hidden)
+            _hidden(acc, bias_in, mult_in, hidden)
             acc = _mm(torch.from_numpy(hidden), out.w).numpy()
             if not c_in:  # the same sums for every latent: kept (read-only) for the next one
                 acc.flags.writeable = False
-                self._constant[key] = acc
-        _gaussians_q8(acc, out.bias.numpy(), out.mult.numpy(), means, log_scales, lo, pos, mu, indexes)
+                self._shared.constant[key] = acc
+        _gaussians_q8(acc, bias_out, mult_out, means, log_scales, lo, pos, mu, indexes)
 
     def update(self, symbols: Any, mu: Any, means: Any, lo: int, pos: Any, y_hat: Any) -> None:
         _update_q8(symbols, mu, means, lo, pos, self._at, y_hat, self.planes)
