@@ -661,7 +661,8 @@ class NeuralCodec:
         groups: dict[tuple[int, int], list[tuple[int, Any, int, int]]] = {}
 
         def synthesize(items: list[tuple[int, Any, int, int]]) -> None:
-            y = torch.from_numpy(np.stack([it[1] for it in items]))
+            latents = [it[1] for it in items]
+            y = torch.from_numpy(latents[0][None] if len(latents) == 1 else np.stack(latents))  # one: no copy
             pixels = m.synthesize(y.to(m.device)).permute(0, 2, 3, 1).cpu().numpy()
             for (i, _, height, width), px in zip(items, pixels, strict=True):
                 out[i] = np.ascontiguousarray(px[:height, :width])
