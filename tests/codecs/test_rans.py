@@ -88,6 +88,10 @@ def test_damaged_streams_fail_cleanly(tables: tuple[list[list[int]], list[int], 
             pass
     with pytest.raises(ValueError, match="outside the CDF tables"):
         RansStream(data).decode(np.array([len(cdfs)], dtype=np.int32), t)
+    stream = RansStream(data)
+    with pytest.raises(ValueError, match="outside the CDF tables"):  # found mid-call: nothing consumed
+        stream.decode(np.concatenate([idx[:10], [-1]]).astype(np.int32), t)
+    assert np.array_equal(stream.decode(idx, t), sym)
 
 
 _FIRST_DECODE_IN_CHILD = """

@@ -45,6 +45,7 @@ _PRECISION = 16
 _BYPASS_BITS = 4
 _BYPASS_MAX = (1 << _BYPASS_BITS) - 1
 _OVERRUN = -1
+_BAD_INDEX = -2
 _BUCKET_BITS = 8  # the symbol search starts from a table of 2**(16 - 8) buckets of cumulative frequency
 
 
@@ -72,12 +73,16 @@ def _decode(
     offsets: Any,
     out: Any,
 ) -> tuple[int, np.uint64]:
-    """Decode ``len(indexes)`` symbols into ``out``; returns (next word, state), word -1 on overrun."""
+    """Decode ``len(indexes)`` symbols into ``out``; returns (next word, state), word -1 on overrun
+    and -2 for an index outside the tables."""
     mask = np.uint64((1 << _PRECISION) - 1)
     low = np.uint64(1 << 31)
     n_words = words.shape[0]
+    n_tables = lengths.shape[0]
     for i in range(indexes.shape[0]):
         t = indexes[i]
+        if t < 0 or t >= n_tables:
+            return _BAD_INDEX, state
         n = lengths[t]
         max_value = n - 2
         cum = int(state & mask)
@@ -170,12 +175,12 @@ class RansStream:
     def decode(self, indexes: npt.NDArray[np.int32], tables: Tables) -> npt.NDArray[np.int32]:
         """The next ``indexes.size`` symbols (int32, flat); raises ``CorruptTile`` on a damaged stream."""
         flat = np.ascontiguousarray(indexes, dtype=np.int32).reshape(-1)
-        if flat.size and (int(flat.min()) < 0 or int(flat.max()) >= tables.lengths.shape[0]):
-            raise ValueError("symbol index outside the CDF tables")
         out = np.empty(flat.size, dtype=np.int32)
         pos, state = _decode(
             self._words, self._pos, self._state, flat, tables.cdfs, tables.buckets, tables.lengths, tables.offsets, out
         )
+        if pos == _BAD_INDEX:  # checked symbol by symbol in the compiled loop (cheaper than a pass over them)
+            raise ValueError("symbol index outside the CDF tables")
         if pos < 0:
             raise CorruptTile("neural: entropy-coded string ends early (truncated or damaged tile)")
         self._pos, self._state = int(pos), np.uint64(state)
