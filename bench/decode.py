@@ -13,7 +13,10 @@ decode single-threaded (``numthreads=1``).
     .venv/bin/python bench/decode.py --retired  # and the retired neural models (the ones replaced)
 
 Timings are medians over tiles of the best of ``--reps`` repetitions; the
-machine's load at the time is recorded with them.
+machine's load at the time is recorded with them.  On a shared machine timings drift
+between the parts of a run, so issue 5's ratio is also measured back to back (``parity``):
+``--parity-rounds`` rounds, each decoding the tiles with JPEG 2000 q34 and then with the
+default neural quality in batches of 8; the median of the per-round ratios is reported.
 """
 
 from __future__ import annotations
@@ -135,11 +138,54 @@ def bench_neural(q: int, tiles: np.ndarray, reps: int, model_sha: str | None = N
     return res
 
 
+def bench_parity(tiles: np.ndarray, rounds: int, quality: int = 3) -> dict[str, Any]:
+    """Issue 5's ratio measured back to back: each round decodes the tiles with JPEG 2000 q34 (one
+    thread) and then with the default neural quality (``decode_batch`` of 8, one thread), so both
+    see the same machine; returns each round's ms per tile and the median of the per-round ratios."""
+    import torch
+
+    j2k = codecs.get("jpeg2000", quality=34)
+    neural = codecs.get("neural", quality=quality, device="cpu")
+    j2k_blobs = [j2k.encode(t) for t in tiles]
+    neural_blobs = neural.encode_batch(list(tiles))  # type: ignore[attr-defined]
+    n8 = 8 * (len(tiles) // 8)
+    if not n8:
+        raise ValueError("the parity measure needs at least 8 tiles")
+    torch.set_num_threads(1)
+    neural.decode_batch(neural_blobs[:8])  # warm
+    j2k_ms, neural_ms = [], []
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        for b in j2k_blobs[:n8]:
+            j2k.decode(b)
+        j2k_ms.append((time.perf_counter() - t0) / n8 * 1000)
+        t0 = time.perf_counter()
+        for i in range(0, n8, 8):
+            neural.decode_batch(neural_blobs[i : i + 8])
+        neural_ms.append((time.perf_counter() - t0) / n8 * 1000)
+    ratios = [n / j for n, j in zip(neural_ms, j2k_ms, strict=True)]
+    return {
+        "quality": quality,
+        "tiles": n8,
+        "jpeg2000_q34_ms": j2k_ms,
+        "neural_b8_ms": neural_ms,
+        "ratio_median": float(np.median(ratios)),
+        "ratio_min": float(min(ratios)),
+    }
+
+
 def print_table(result: dict[str, Any]) -> None:
     print(f"\n{result['tiles']} tissue tiles of 256x256; load average at start {result['machine']['loadavg']}")
     print(f"{'codec':<22}{'bpp':>7}{'PSNR':>7}{'SSIM':>7}  {'decode ms/tile (1 thread)':<28}")
     for label, r in result["classic"].items():
         print(f"{label:<22}{r['bpp']:>7.3f}{r['psnr']:>7.2f}{r['ssim']:>7.4f}  {r['decode_ms']:.2f}")
+    parity = result.get("parity")
+    if parity:
+        print(
+            f"\nback to back, {parity['tiles']} tiles x {len(parity['neural_b8_ms'])} rounds: "
+            f"neural q{parity['quality']} batch of 8 / JPEG 2000 q34 = {parity['ratio_median']:.2f}x "
+            f"(median of the rounds; best round {parity['ratio_min']:.2f}x)"
+        )
     print(
         f"\n{'neural':<10}{'bpp':>7}{'PSNR':>7}{'SSIM':>7}{'thr':>5}{'entropy':>9}{'synth b1':>10}"
         f"{'total b1':>10}{'total b8':>10}{'best b':>8}{'total best':>12}{'float synth':>12}"
@@ -163,6 +209,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--qualities", type=int, nargs="*", help="neural qualities (default: all installed)")
     ap.add_argument("--out", type=Path, default=OUT)
     ap.add_argument("--retired", action="store_true", help="also time the retired neural models")
+    ap.add_argument(
+        "--parity-rounds", type=int, default=9, help="back-to-back JPEG 2000 / neural rounds (issue 5's ratio)"
+    )
     args = ap.parse_args(argv)
 
     from tileserver.codecs.neural import available_qualities, retired_models
@@ -184,6 +233,7 @@ def main(argv: list[str] | None = None) -> int:
         "classic": bench_classic(tiles, args.reps),
         "neural": {},
     }
+    result["parity"] = bench_parity(tiles, args.parity_rounds)
     for q in args.qualities or available_qualities():
         result["neural"][str(q)] = bench_neural(q, tiles, args.reps)
     if args.retired:
