@@ -85,6 +85,24 @@ class TrainConfig:
         return REPO / "runs" / self.name
 
 
+def _jpeg_augment(aug: Any, path: Path) -> dict[str, Any]:
+    """A config's ``jpeg_augment`` table, checked: empty, or ``{p = 0..1, quality = [lo, hi]}``
+    with integer qualities ``1 <= lo <= hi <= 100``; raises ``ConfigError`` otherwise."""
+    from .errors import ConfigError
+
+    if isinstance(aug, dict) and not aug:
+        return {}
+    ok = isinstance(aug, dict) and set(aug) == {"p", "quality"}
+    if ok:
+        p, q = aug["p"], aug["quality"]
+        ok = isinstance(p, int | float) and not isinstance(p, bool) and 0.0 <= p <= 1.0
+        ok = ok and isinstance(q, list | tuple) and len(q) == 2
+        ok = ok and all(isinstance(v, int) and not isinstance(v, bool) for v in q) and 1 <= q[0] <= q[1] <= 100
+    if not ok:
+        raise ConfigError(f"{path}: jpeg_augment must be {{p = 0..1, quality = [lo, hi] within 1..100}}, got {aug}")
+    return dict(aug)
+
+
 def load_config(path: str | Path) -> TrainConfig:
     """Read a TOML training config; raises ``ConfigError`` on unknown or missing keys."""
     from .errors import ConfigError
@@ -95,24 +113,7 @@ def load_config(path: str | Path) -> TrainConfig:
     train = raw.get("train", {})
     data = raw.get("data", {})
     model = raw.get("model", {})
-    aug = train.get("jpeg_augment", {})
-    try:
-        ok = isinstance(aug, dict) and (
-            not aug
-            or (
-                set(aug) == {"p", "quality"}
-                and isinstance(aug["p"], int | float)
-                and not isinstance(aug["p"], bool)
-                and 0.0 <= float(aug["p"]) <= 1.0
-                and len(aug["quality"]) == 2
-                and all(isinstance(q, int) and not isinstance(q, bool) for q in aug["quality"])
-                and 1 <= aug["quality"][0] <= aug["quality"][1] <= 100
-            )
-        )
-    except TypeError:
-        ok = False
-    if not ok:
-        raise ConfigError(f"{p}: jpeg_augment must be {{p = 0..1, quality = [lo, hi] within 1..100}}, got {aug}")
+    aug = _jpeg_augment(train.get("jpeg_augment", {}), p)
     try:
         cfg = TrainConfig(
             name=str(raw["name"]),
@@ -135,7 +136,7 @@ def load_config(path: str | Path) -> TrainConfig:
             distortion=str(train.get("distortion", "mse")),
             lambda_mse=float(train.get("lambda_mse", 0.0)),
             freeze=[str(f) for f in train.get("freeze", [])],
-            jpeg_augment=dict(aug),
+            jpeg_augment=aug,
             seed=int(train.get("seed", 0)),
             eval_every=int(train.get("eval_every", 1000)),
             ckpt_every=int(train.get("ckpt_every", 250)),

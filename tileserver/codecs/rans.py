@@ -154,7 +154,7 @@ class Tables:
             first = np.minimum(np.searchsorted(cdf, starts, side="right") - 1, n - 2)
             last = np.minimum(np.searchsorted(cdf, starts + (1 << _BUCKET_BITS) - 1, side="right") - 1, n - 2)
             whole = (first == last) & (starts < 1 << _PRECISION)
-            start, freq = cdf[first], cdf[np.minimum(first + 1, n - 1)] - cdf[first]
+            start, freq = cdf[first], cdf[first + 1] - cdf[first]  # first <= n - 2
             self.buckets[i] = np.where(whole, first + (start << 16) + (freq << 32), -1 - first)
         self.offsets = np.asarray(offsets, dtype=np.int32)
         if (self.lengths < 2).any():

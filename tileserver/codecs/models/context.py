@@ -526,7 +526,7 @@ class Int8Passes:
     """
 
     def __init__(self, shared: Int8Shared, bounds: list[int], h: int, w: int) -> None:
-        self.layers, self.h, self.w, self._shared = shared.layers, h, w, shared
+        self.h, self.w, self._shared = h, w, shared
         self.planes = np.zeros((2, (h + 2) * (w + 2), bounds[-1]), np.int8)  # rows of the padded h+2 x w+2
         self._at: Any = None
 
@@ -550,11 +550,11 @@ class Int8Passes:
         self._at = self._at_rows(where, pos)  # update() writes the same pass's positions
         if not len(pos):  # a 1x1 latent's second checkerboard pass
             return
-        if k not in self.layers:  # no context: the hyper-synthesis's Gaussians
+        if k not in self._shared.layers:  # no context: the hyper-synthesis's Gaussians
             zero = np.zeros((c, means.shape[1]))
             pass_gaussians(means, log_scales, zero, zero, lo, pos, mu, indexes)
             return
-        only_prev, both, out = self.layers[k]
+        only_prev, both, out = self._shared.layers[k]
         first, c_in = (both, hi) if where is False else (only_prev, lo)
         bias_in, mult_in, bias_out, mult_out = self._shared.arrays[k]
         key = (k, len(pos))

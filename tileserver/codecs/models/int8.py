@@ -41,6 +41,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
 import numba
@@ -101,6 +102,12 @@ class QConv:
     def to(self, device: torch.device) -> QConv:
         """This layer's tensors on ``device``."""
         return QConv(self.w.to(device), self.bias.to(device), self.mult.to(device), self.kernel, self.halves)
+
+    @cached_property
+    def w_t(self) -> Tensor:
+        """The weights transposed, ``C_out x (k*k*C_in)``, contiguous: made once per layer (the CPU
+        path's channel-major products, :func:`small_conv`)."""
+        return self.w.T.contiguous()
 
 
 @dataclass(frozen=True)
@@ -367,9 +374,9 @@ def _final(
     """
     q_rows = n * lh * lw
     limit = np.int64(BASE_CLAMP * 255) << PIXEL_BITS
-    half = np.int64(1) << (PIXEL_BITS - 1)
+    one = np.int64(1)
     rows = out.reshape(n, 8 * lh, 24 * lw)
-    pix = np.empty(192, np.int64)  # one block's base image, clamped, plus the rounding half
+    pix = np.empty(192, np.int64)  # one block's base image, clamped
     res = np.empty(12, np.int64)  # one last-layer position's residuals: a 2 x 2 pixel pair
     for b in range(n):
         for bi in range(lh):
@@ -378,7 +385,7 @@ def _final(
                 hi, lo = base[q], base[q_rows + q]
                 for kb in range(192):
                     p = np.int64(hi[kb]) * 65536 + (np.int64(hi[192 + kb]) + lo[kb]) * 256 + lo[192 + kb]
-                    pix[kb] = min(max(p * unit[kb] + base_bias[kb], -limit), limit) + half
+                    pix[kb] = min(max(p * unit[kb] + base_bias[kb], -limit), limit)
                 for sy in range(4):
                     r0 = (b * 4 * lh + 4 * bi + sy) * 4 * lw + 4 * bj
                     for sx in range(4):
@@ -389,7 +396,8 @@ def _final(
                             dst = rows[b, 8 * bi + 2 * sy + dy, 24 * bj + 6 * sx : 24 * bj + 6 * sx + 6]
                             src = pix[(2 * sy + dy) * 24 + 6 * sx :]
                             for u in range(6):
-                                dst[u] = min(max((src[u] + res[6 * dy + u]) >> PIXEL_BITS, 0), 255)
+                                v = _round_shift(src[u] + res[6 * dy + u], one, PIXEL_BITS)
+                                dst[u] = min(max(v, 0), 255)
 
 
 @numba.njit(cache=False, nogil=True)
@@ -595,7 +603,7 @@ def small_conv(x: Tensor, first: QConv, second: QConv, *, limit: float = math.in
         h, w = 2 * h, 2 * w
     # The second layer's sums channel-major (its weights times the hidden layer, transposed), so
     # that _values reads each output channel contiguously.
-    acc = _mm(second.w.T.contiguous(), a.T).numpy()
+    acc = _mm(second.w_t, a.T).numpy()
     c_out = second.w.shape[1]
     out = np.empty((n, c_out // 4, 2 * h, 2 * w) if shuffle else (n, c_out, h, w))
     _values(acc, second.bias.numpy(), second.mult.numpy(), limit, shuffle, out)
