@@ -277,6 +277,40 @@ def test_the_matrix_product_other_devices_use_is_exact() -> None:
     assert int(_matmul_ref(a, b).abs().max()) > 2**16
 
 
+def _flat(layers: Any) -> list[Any]:
+    """The tensors and numbers of integer layers (``Int8Synthesis``, ``QConv``s, dicts/tuples of them), in order."""
+    import dataclasses
+
+    if dataclasses.is_dataclass(layers):
+        return [v for f in dataclasses.fields(layers) for v in _flat(getattr(layers, f.name))]
+    if isinstance(layers, dict):
+        return [v for k in sorted(layers) for v in [k, *_flat(layers[k])]]
+    if isinstance(layers, list | tuple):
+        return [v for item in layers for v in _flat(item)]
+    return [layers.cpu() if isinstance(layers, torch.Tensor) else layers]
+
+
+@pytest.mark.gpu
+def test_integer_layers_built_from_a_cuda_model_are_the_cpus() -> None:
+    # CUDA divides a tensor by a scalar as a product with its reciprocal.  Layers built from CUDA
+    # tensors once had a q4 multiplier off by one, and 5 of 16 tiles decoded differently there
+    # (bench/decode_gpu.py on an H200); klt.exact_weights now builds on the CPU for every device.
+    import copy
+
+    from tileserver.codecs.neural import NeuralCodec, available_qualities
+
+    for q in available_qualities():
+        codec = NeuralCodec(q, device="cpu")
+        codec.load()
+        cpu = codec._model.model  # type: ignore[union-attr]
+        cuda = copy.deepcopy(cpu).to("cuda")
+        for build_layers in (int8_layers, lambda m: m._int8_context_layers()):
+            a, b = _flat(build_layers(cpu)), _flat(build_layers(cuda))
+            assert len(a) == len(b)
+            for x, y in zip(a, b, strict=True):
+                assert torch.equal(x, y) if isinstance(x, torch.Tensor) else x == y
+
+
 _DECODE_IN_CHILD = """
 import sys, numpy as np
 from pathlib import Path

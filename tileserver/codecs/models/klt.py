@@ -341,9 +341,15 @@ def _fake_quant(x: Tensor, unit: Tensor | float) -> Tensor:
 
 
 def exact_weights(conv: nn.Conv2d, scale: float = 1.0) -> tuple[Tensor, Tensor]:
-    """``conv``'s weights (times ``scale``) and bias on the exact-decoding grid, float64."""
-    w = conv.weight.detach().double() * scale
-    b = _bias(conv).detach().double()
+    """``conv``'s weights (times ``scale``) and bias on the exact-decoding grid, float64, on the CPU.
+
+    On the CPU whatever the model's device, so that everything built from them (the integer
+    layers' scales, biases and multipliers) is the same arithmetic everywhere: CUDA divides a
+    tensor by a scalar as a product with the scalar's reciprocal, which rounds differently, and
+    a multiplier built there differed by one in a quality-4 channel, enough to change 5 of 16 tiles'
+    pixels (bench/decode_gpu.py on an H200).  Callers move what they build to their device."""
+    w = conv.weight.detach().cpu().double() * scale
+    b = _bias(conv).detach().cpu().double()
     return _to_grid(w, WEIGHT_BITS, _w_max(conv)), _to_grid(b, WEIGHT_BITS, _B_MAX)
 
 
