@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Train the neural codec's qualities on one CUDA device within a single device call and hand back
-# the checkpoints, logs and exported weights through $OUT (the device machine's output folder).
+# Train the neural codec's qualities from scratch on one CUDA device within a single device call
+# and hand back the phase-5 checkpoints (slimmed: no optimizer states) and one archive of logs
+# through $OUT (the device machine's output folder; such calls return at most 8 files).
 #
 #   OUT=/some/dir MINUTES=8 scripts/train_device.sh              # all five qualities, in parallel
 #   OUT=/some/dir MINUTES=8 scripts/train_device.sh 140 100      # only klt-hp-s140 and klt-hp-s100
@@ -9,14 +10,14 @@
 # phase 1 (klt-hp-sNNN.toml) 40 %, phase 2 (klt-hp-sNNN-256.toml) 20 %, phase 3 (klt-cx-sNNN.toml:
 # the context model, rate-only) 15 %, phase 4 (klt-cx-sNNN-joint.toml) 15 %, phase 5
 # (klt-cx-sNNN-q8.toml: integer decoding) the rest; runs resume from runs/<name>/ckpt.pt when those
-# are carried over.  The phase-5 weights (the shipped kind) are exported into $OUT/weights (not the
-# package): review them with bench/compress.py, then copy the .pt files and the manifest entries
-# into tileserver/codecs/weights/ to ship them.
+# are carried over.  Back here, put each $OUT/klt-cx-sNNN-q8.pt at runs/klt-cx-sNNN-q8/ckpt.pt and
+# export with `python -m tileserver.train <config> --export`: export computes the CDF tables that
+# ship, with CompressAI's compiled parts, which a machine prepared by scripts/device_prepare.sh
+# lacks.  To fine-tune the installed models instead, see scripts/device_finetune.sh.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 : "${OUT:?set OUT to the folder that comes back}"
 MINUTES=${MINUTES:-8}
-[ "$MINUTES" -ge 8 ] || { echo "MINUTES must be at least 8 (--until has minute resolution)" >&2; exit 2; }
 DEVICE=${DEVICE:-cuda}
 # The shared data: ./shared/data on a device machine's copy of the tree, else ../shared/data.
 if [ -z "${DATA:-}" ]; then
@@ -26,13 +27,13 @@ PY=${PY:-.venv/bin/python}
 C=tileserver/codecs/configs
 steps=("$@")
 [ ${#steps[@]} -gt 0 ] || steps=(280 200 140 100 065)
-end_at() { date -u -d "+$((MINUTES * $1 / 100)) min" +%H:%M; }
+end_at() { date -u -d "+$((MINUTES * 60 * $1 / 100)) sec" +%H:%M:%S; }
 phase1_end=$(end_at 40)
 phase2_end=$(end_at 60)
 phase3_end=$(end_at 75)
 phase4_end=$(end_at 90)
 phase5_end=$(end_at 100)
-mkdir -p "$OUT/weights" "$OUT/logs"
+mkdir -p "$OUT/logs"
 
 run_phase() {  # $1: config name pattern (NNN = the step), $2: --until
   local pids=()
@@ -50,14 +51,17 @@ run_phase "klt-hp-sNNN-256" "$phase2_end"
 run_phase "klt-cx-sNNN" "$phase3_end"
 run_phase "klt-cx-sNNN-joint" "$phase4_end"
 run_phase "klt-cx-sNNN-q8" "$phase5_end"
-configs=()
-for s in "${steps[@]}"; do configs+=("$C/klt-cx-s$s-q8.toml"); done
-"$PY" -m tileserver.train "${configs[@]}" --export --data "$DATA" --weights-dir "$OUT/weights" \
-  > "$OUT/logs/export.out" 2>&1
+logs=$(mktemp -d)
 for s in "${steps[@]}"; do
   for name in "klt-hp-s$s" "klt-hp-s$s-256" "klt-cx-s$s" "klt-cx-s$s-joint" "klt-cx-s$s-q8"; do
-    mkdir -p "$OUT/runs/$name"
-    cp "runs/$name/train.log" "runs/$name/ckpt.pt" "$OUT/runs/$name/" 2>/dev/null || true
+    cp "runs/$name/train.log" "$logs/$name.train.log" 2>/dev/null || true
   done
+  "$PY" -c 'import sys, torch
+ck = torch.load(sys.argv[1], map_location="cpu", weights_only=False)
+torch.save({k: v for k, v in ck.items() if k not in ("opt", "aux_opt")}, sys.argv[2])' \
+    "runs/klt-cx-s$s-q8/ckpt.pt" "$OUT/klt-cx-s$s-q8.pt"
 done
-echo "done: weights in $OUT/weights, logs in $OUT/logs, checkpoints in $OUT/runs"
+cp "$OUT"/logs/*.out "$logs/" 2>/dev/null || true
+rm -rf "$OUT/logs"
+tar -C "$logs" -czf "$OUT/logs.tgz" .
+echo "done: phase-5 checkpoints in $OUT/klt-cx-sNNN-q8.pt, logs in $OUT/logs.tgz"

@@ -43,6 +43,8 @@ __all__ = ["TrainConfig", "add_cli", "evaluate", "export", "load_config", "main"
 
 #: distortion measures a config may train for
 DISTORTIONS = ("mse", "ssim")
+#: learning-rate schedules a config may use
+SCHEDULES = ("step", "cosine")
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO.parent / "shared" / "data"
 WEIGHTS_DIR = Path(__file__).resolve().parent / "codecs" / "weights"
@@ -63,6 +65,12 @@ class TrainConfig:
     lr: float
     lr_milestones: list[int] = field(default_factory=list)
     lr_gamma: float = 0.1
+    #: ``"step"`` (``lr_milestones``) or ``"cosine"``: a half cosine to zero over the run, its
+    #: progress the larger of steps done / ``steps`` and time spent / the time ``--until`` allows
+    schedule: str = "step"
+    #: steps over which the learning rates rise linearly from zero (a fresh optimizer's first
+    #: steps move every weight by about the full rate, whatever its gradient)
+    warmup: int = 0
     hyper_lr: float | None = None
     aux_lr: float = 1e-3
     sources: list[str] = field(default_factory=list)
@@ -127,6 +135,8 @@ def load_config(path: str | Path) -> TrainConfig:
             lr=float(train["lr"]),
             lr_milestones=[int(m) for m in train.get("lr_milestones", [])],
             lr_gamma=float(train.get("lr_gamma", 0.1)),
+            schedule=str(train.get("schedule", "step")),
+            warmup=int(train.get("warmup", 0)),
             hyper_lr=float(train["hyper_lr"]) if "hyper_lr" in train else None,
             aux_lr=float(train.get("aux_lr", 1e-3)),
             sources=list(data["sources"]),
@@ -147,6 +157,8 @@ def load_config(path: str | Path) -> TrainConfig:
         raise ConfigError(f"{p}: missing key {exc}") from None
     if cfg.distortion not in DISTORTIONS:
         raise ConfigError(f"{p}: distortion must be one of {', '.join(DISTORTIONS)}, got {cfg.distortion!r}")
+    if cfg.schedule not in SCHEDULES:
+        raise ConfigError(f"{p}: schedule must be one of {', '.join(SCHEDULES)}, got {cfg.schedule!r}")
     return cfg
 
 
@@ -355,8 +367,48 @@ def _calibrate_int8(cfg: TrainConfig, model: Any, images: list[npt.NDArray[np.ui
     _log(cfg, f"calibrated the int8 layers on {len(crops)} crops: activation ranges {ranges}")
 
 
-def _lr_at(cfg: TrainConfig, step: int) -> float:
-    return cfg.lr * cfg.lr_gamma ** sum(step >= m for m in cfg.lr_milestones)
+def _lr_at(cfg: TrainConfig, step: int, progress: float = 0.0) -> float:
+    """The transforms' learning rate at ``step``; ``progress`` (0..1) is the share of the run's
+    time budget spent, which a ``cosine`` schedule follows when it is ahead of the steps."""
+    warm = min(1.0, (step + 1) / cfg.warmup) if cfg.warmup else 1.0
+    if cfg.schedule == "cosine":
+        done = min(1.0, max(step / cfg.steps, progress))
+        return warm * cfg.lr * 0.5 * (1.0 + math.cos(math.pi * done))
+    return warm * cfg.lr * cfg.lr_gamma ** sum(step >= m for m in cfg.lr_milestones)
+
+
+def _init_from_weights(cfg: TrainConfig, model: Any, device: str) -> dict[str, Any]:
+    """Start ``model`` at a shipped model: ``init = "<file>.pt"`` names a weights file of the
+    package (current or retired); returns its history (config, steps, minutes) from the manifest.
+
+    The analysis is stored in float16 and the synthesis snapped to its grid, so the start differs
+    from that model's last checkpoint by those roundings; a fine-tune does not notice them."""
+    import torch
+
+    from .codecs.models import load_state
+    from .codecs.neural import WEIGHTS_DIR as PACKAGE_WEIGHTS
+    from .codecs.neural import _manifest
+    from .errors import ConfigError
+
+    assert cfg.init is not None
+    path = PACKAGE_WEIGHTS / cfg.init
+    manifest = _manifest(PACKAGE_WEIGHTS)
+    entries = [*manifest.get("models", {}).values(), *manifest.get("retired", [])]
+    entry = next((e for e in entries if e["file"] == cfg.init), None)
+    if entry is None or not path.is_file():
+        raise ConfigError(f"{cfg.path}: init {cfg.init!r} is not an installed model of the package")
+    payload = torch.load(path, map_location=device, weights_only=False)
+    state = {
+        k: v.float() if k.startswith("g_a.") and v.is_floating_point() else v for k, v in payload["state_dict"].items()
+    }
+    load_state(model, state, missing_ok=("ctx_", "int8_"))
+    prior = dict(entry.get("init", {}))
+    return {
+        "config": Path(entry["config"]).name,
+        "steps": int(entry["steps"]) + int(prior.get("steps", 0)),
+        "train_minutes": round(float(entry["train_minutes"]) + float(prior.get("train_minutes", 0.0)), 1),
+        "weights": entry["sha256"][:12],
+    }
 
 
 def train(cfg: TrainConfig, *, data_dir: Path, until: dt.datetime | None, threads: int, device: str) -> int:
@@ -367,6 +419,8 @@ def train(cfg: TrainConfig, *, data_dir: Path, until: dt.datetime | None, thread
 
     torch.set_num_threads(threads)
     torch.manual_seed(cfg.seed)
+    if device.startswith("cuda"):
+        torch.backends.cudnn.benchmark = True  # fixed crop shapes: let cuDNN pick its kernels once
     model = build(cfg.architecture, **cfg.arch).to(device)
     for name, param in model.named_parameters():
         if name.startswith(tuple(cfg.freeze)):
@@ -392,13 +446,19 @@ def train(cfg: TrainConfig, *, data_dir: Path, until: dt.datetime | None, thread
     if ckpt_path.exists():
         ck = torch.load(ckpt_path, map_location=device, weights_only=False)
         load_state(model, ck["model"])
-        opt.load_state_dict(ck["opt"])
-        aux_opt.load_state_dict(ck["aux_opt"])
+        if "opt" in ck:
+            opt.load_state_dict(ck["opt"])
+            aux_opt.load_state_dict(ck["aux_opt"])
+        else:  # a checkpoint slimmed for transfer (scripts/device_finetune.sh): fresh optimizers
+            _log(cfg, "checkpoint has no optimizer state: the optimizers start afresh")
         step, wall = int(ck["step"]), float(ck.get("wall", 0.0))
         before = dict(ck.get("init", {}))
         _log(cfg, f"resumed {cfg.name} at step {step} ({wall / 60:.1f} min so far)")
     elif cfg.init == "pca":
         _init_pca(cfg, model, images, device)
+    elif cfg.init and cfg.init.endswith(".pt"):
+        before = _init_from_weights(cfg, model, device)
+        _log(cfg, f"initialised {cfg.name} from the package's {cfg.init} ({before['steps']} steps before)")
     elif cfg.init:
         base = load_config(Path(cfg.init) if Path(cfg.init).is_absolute() else cfg.path.parent / cfg.init)
         ck = torch.load(base.run_dir / "ckpt.pt", map_location=device, weights_only=False)
@@ -437,6 +497,15 @@ def train(cfg: TrainConfig, *, data_dir: Path, until: dt.datetime | None, thread
         )
         os.replace(tmp, ckpt_path)
 
+    started = time.monotonic()
+    budget = (until - dt.datetime.now(dt.UTC)).total_seconds() if until is not None else 0.0
+
+    def progress() -> float:
+        return (time.monotonic() - started) / budget if budget > 0 else 0.0
+
+    if step == 0 and cfg.init and cfg.init != "pca" and tiles:
+        m = evaluate(model, tiles)  # where a fine-tune starts: its later evaluations compare with this
+        _log(cfg, f"eval step 0 bpp {m['bpp']:.4f} psnr {m['psnr']:.2f} ssim {m['ssim']:.4f}")
     model.train()
     acc = {"loss": 0.0, "bpp": 0.0, "mse": 0.0, "ssim": 0.0, "n": 0}
     t_last = time.perf_counter()
@@ -444,8 +513,9 @@ def train(cfg: TrainConfig, *, data_dir: Path, until: dt.datetime | None, thread
         if until is not None and dt.datetime.now(dt.UTC) >= until:
             _log(cfg, f"deadline reached at step {step}")
             break
+        lr_now = _lr_at(cfg, step, progress())
         for g in opt.param_groups:
-            g["lr"] = g["base"] * _lr_at(cfg, step) / cfg.lr
+            g["lr"] = g["base"] * lr_now / cfg.lr
         x = torch.from_numpy(sampler.batch(cfg.batch)).to(device).permute(0, 3, 1, 2).float() / 255.0
         out = model(x)
         loss, parts = rd_loss(cfg, x, out)
@@ -474,7 +544,7 @@ def train(cfg: TrainConfig, *, data_dir: Path, until: dt.datetime | None, thread
             _log(
                 cfg,
                 f"step {step} loss {acc['loss'] / n:.4f} bpp {acc['bpp'] / n:.4f}{dist_txt} "
-                f"aux {aux.item():.1f} lr {_lr_at(cfg, step):.1e} {wall / step:.3f}s/step",
+                f"aux {aux.item():.1f} lr {lr_now:.1e} {wall / step:.3f}s/step",
             )
             acc = {"loss": 0.0, "bpp": 0.0, "mse": 0.0, "ssim": 0.0, "n": 0}
         if step % cfg.ckpt_every == 0:
@@ -535,18 +605,22 @@ def export(cfg: TrainConfig, *, data_dir: Path, weights_dir: Path = WEIGHTS_DIR)
 
 
 def _parse_until(s: str | None) -> dt.datetime | None:
+    """``HH:MM`` or ``HH:MM:SS`` (UTC) as the next such moment."""
     if s is None:
         return None
-    hh, mm = (int(v) for v in s.split(":"))
+    parts = [int(v) for v in s.split(":")]
+    if len(parts) not in (2, 3):
+        raise SystemExit(f"--until wants HH:MM or HH:MM:SS, got {s!r}")
+    hh, mm, ss = (*parts, 0)[:3]
     now = dt.datetime.now(dt.UTC)
-    t = now.replace(hour=hh, minute=mm, second=0, microsecond=0)
+    t = now.replace(hour=hh, minute=mm, second=ss, microsecond=0)
     return t if t > now else t + dt.timedelta(days=1)
 
 
 def _add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("config", nargs="+", help="TOML config(s); several run one after another")
     ap.add_argument("--export", action="store_true", help="export package weights from the checkpoint")
-    ap.add_argument("--until", help="stop training at this UTC time HH:MM (checkpoint kept)")
+    ap.add_argument("--until", help="stop training at this UTC time, HH:MM or HH:MM:SS (checkpoint kept)")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
     ap.add_argument("--data", type=Path, default=Path(os.environ.get("TILESERVER_TEST_DATA", DEFAULT_DATA)))
