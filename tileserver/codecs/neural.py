@@ -307,11 +307,19 @@ class _Hyperprior:
     """
 
     def __init__(self, model: Any, device: Any) -> None:
+        import torch
+
         self.device = device
+        # An integer entropy model decodes on the CPU whatever the device: the rANS decoder and the
+        # per-pass book-keeping run there anyway, its fused kernels are fastest there, and its
+        # integers are the same everywhere (on an H200, the generic path on CUDA decoded at
+        # 9-10 ms per tile at every batch size: bench/results/decode_gpu.json).  The device keeps
+        # the synthesis, in batches.
+        self.entropy_device = torch.device("cpu") if getattr(model, "int8_entropy", False) else device
         self.M = model.M
         self.side = _Factorized(model.hyper_bottleneck, model.H)
         self.tables = _Tables(model.gaussian_conditional)
-        self.hyper_params = model.exact_hyper_params(device)
+        self.hyper_params = model.exact_hyper_params(self.entropy_device)
         self.h_a = model.h_a
         self.step = model.step
 
@@ -321,7 +329,7 @@ class _Hyperprior:
 
         from .models.klt import scale_indexes
 
-        means, log_scales = self.hyper_params(torch.from_numpy(z_hat)[None].to(self.device))
+        means, log_scales = self.hyper_params(torch.from_numpy(z_hat)[None].to(self.entropy_device))
         return scale_indexes(log_scales[0, :, :h, :w]).cpu().numpy(), means[0, :, :h, :w].cpu().numpy()
 
     def encode(self, encoder: Any, y: Any) -> bytes:
@@ -364,7 +372,7 @@ class _Context(_Hyperprior):
         super().__init__(model, device)
         warm_up()  # the book-keeping kernels, compiled now rather than in the first request
         self.passes = model.passes()
-        self.pass_coder = model.pass_coder(device)
+        self.pass_coder = model.pass_coder(self.entropy_device)
         self._positions: dict[tuple[int, int], dict[bool | None, Any]] = {}
 
     def positions(self, h: int, w: int) -> dict[bool | None, Any]:
@@ -389,7 +397,7 @@ class _Context(_Hyperprior):
 
         from .models.context import hyper_mean_clamped
 
-        means_t, log_scales_t = self.hyper_params(torch.from_numpy(z_hat)[None].to(self.device))
+        means_t, log_scales_t = self.hyper_params(torch.from_numpy(z_hat)[None].to(self.entropy_device))
         means = np.ascontiguousarray(hyper_mean_clamped(means_t[0, :, :h, :w]).reshape(self.M, h * w).cpu().numpy())
         log_scales = np.ascontiguousarray(log_scales_t[0, :, :h, :w].reshape(self.M, h * w).cpu().numpy())
         positions = self.positions(h, w)
