@@ -14,7 +14,8 @@ batch, steps, learning rate schedule, the training sources (globs under the
 shared data directory; ``.svs`` and other slides are read at level 0 through
 OpenSlide) and the held-out evaluation files, which are never trained on.
 ``init`` optionally names another config whose checkpoint seeds this one
-(qualities are fine-tuned from a base model).  The run directory
+(qualities are fine-tuned from a base model), or an installed model of the package
+(``"<file>.pt"``: a fine-tune of what ships, needing no checkpoint).  The run directory
 ``runs/<name>/`` holds ``train.log`` and the resumable ``ckpt.pt``.
 
 Export calls ``EntropyBottleneck.update(force=True, update_quantiles=True)`` so
@@ -605,7 +606,10 @@ def export(cfg: TrainConfig, *, data_dir: Path, weights_dir: Path = WEIGHTS_DIR)
 
 
 def _parse_until(s: str | None) -> dt.datetime | None:
-    """``HH:MM`` or ``HH:MM:SS`` (UTC) as the next such moment."""
+    """``HH:MM`` or ``HH:MM:SS`` (UTC) as the nearest such moment, less than 12 hours away either way.
+
+    One just past stops the run at once: a run started late for its deadline (a phase of
+    scripts/train_device.sh after a slow one) must not take it for tomorrow's and train for a day."""
     if s is None:
         return None
     parts = [int(v) for v in s.split(":")]
@@ -614,7 +618,9 @@ def _parse_until(s: str | None) -> dt.datetime | None:
     hh, mm, ss = (*parts, 0)[:3]
     now = dt.datetime.now(dt.UTC)
     t = now.replace(hour=hh, minute=mm, second=ss, microsecond=0)
-    return t if t > now else t + dt.timedelta(days=1)
+    if t > now + dt.timedelta(hours=12):
+        return t - dt.timedelta(days=1)
+    return t if t > now - dt.timedelta(hours=12) else t + dt.timedelta(days=1)
 
 
 def _add_arguments(ap: argparse.ArgumentParser) -> None:

@@ -64,12 +64,25 @@ def test_config_rejects_an_unknown_schedule(tmp_path: Path) -> None:
         train.load_config(_config(tmp_path, text, schedule="linear"))
 
 
-def test_until_takes_minutes_or_seconds() -> None:
-    t = train._parse_until("12:34:56")
-    assert t is not None and (t.hour, t.minute, t.second) == (12, 34, 56)
-    assert t > dt.datetime.now(dt.UTC)
-    t = train._parse_until("07:05")
-    assert t is not None and (t.hour, t.minute, t.second) == (7, 5, 0)
+def test_until_is_the_nearest_such_moment_and_takes_seconds() -> None:
+    now = dt.datetime.now(dt.UTC).replace(microsecond=0)
+
+    def at(delta: dt.timedelta, seconds: bool = True) -> dt.datetime:
+        t = now + delta
+        until = train._parse_until(t.strftime("%H:%M:%S" if seconds else "%H:%M"))
+        assert until is not None
+        return until
+
+    assert at(dt.timedelta(minutes=7, seconds=13)) == now + dt.timedelta(minutes=7, seconds=13)
+    assert at(dt.timedelta(hours=11)) == now + dt.timedelta(hours=11)
+    # Just past (a phase that started late for its deadline): past, so the run stops at once.
+    assert at(dt.timedelta(seconds=-20)) == now - dt.timedelta(seconds=20)
+    assert at(dt.timedelta(hours=-11)) == now - dt.timedelta(hours=11)
+    # Further away than 12 hours either way: the nearest such moment is on the other day.
+    assert at(dt.timedelta(hours=-13)) == now + dt.timedelta(hours=11)
+    assert at(dt.timedelta(hours=13)) == now - dt.timedelta(hours=11)
+    minute = at(dt.timedelta(minutes=30), seconds=False)
+    assert minute.second == 0 and dt.timedelta(minutes=29) < minute - now <= dt.timedelta(minutes=30)
     with pytest.raises(SystemExit, match="HH:MM"):
         train._parse_until("7")
 
