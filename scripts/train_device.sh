@@ -23,7 +23,10 @@ DEVICE=${DEVICE:-cuda}
 if [ -z "${DATA:-}" ]; then
   if [ -d shared/data ]; then DATA=shared/data; else DATA=../shared/data; fi
 fi
-PY=${PY:-.venv/bin/python}
+# The project venv here; a device machine's own python3 there (scripts/device_prepare.sh).
+if [ -z "${PY:-}" ]; then
+  if [ -x .venv/bin/python ]; then PY=.venv/bin/python; else PY=python3; fi
+fi
 C=tileserver/codecs/configs
 steps=("$@")
 [ ${#steps[@]} -gt 0 ] || steps=(280 200 140 100 065)
