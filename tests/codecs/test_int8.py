@@ -290,6 +290,17 @@ def _flat(layers: Any) -> list[Any]:
     return [layers.cpu() if isinstance(layers, torch.Tensor) else layers]
 
 
+def test_integer_layers_refuse_weights_off_the_cpu() -> None:
+    # Built on another device they could round differently (CUDA's division by a scalar): refused,
+    # so a change that lets device tensors through fails loudly instead of decoding other pixels.
+    from tileserver.codecs.models.int8 import quantize_conv
+
+    w, b = torch.zeros(4, 2, 3, 3, dtype=torch.float64), torch.zeros(4, dtype=torch.float64)
+    assert quantize_conv(w, b, in_unit=1.0, halves=False, out_unit=1.0, name="x").w.shape == (18, 4)
+    with pytest.raises(ValueError, match="built from CPU tensors"):
+        quantize_conv(w.to("meta"), b, in_unit=1.0, halves=False, out_unit=1.0, name="x")
+
+
 @pytest.mark.gpu
 def test_integer_layers_built_from_a_cuda_model_are_the_cpus() -> None:
     # CUDA divides a tensor by a scalar as a product with its reciprocal.  Layers built from CUDA

@@ -155,6 +155,7 @@ def int8_layers(model: KLTPS) -> Int8Synthesis:
 
     # Inverse KLT: int16 weights per output channel.
     w, b = exact_weights(inverse, inv_scale)
+    _on_cpu("inverse KLT", w, b)
     w = w.reshape(w.shape[0], -1)  # 192 x M
     s = weight_scale(w, _W16_MAX)
     hi, lo = _halves(torch.round(w / s[:, None]).long())
@@ -472,10 +473,20 @@ def synthesizer(model: KLTPS, device: torch.device) -> Callable[[Tensor], Tensor
 VALUE_BITS = 10
 
 
+def _on_cpu(name: str, *tensors: Tensor) -> None:
+    """Integer layers are built on the CPU for every device (``klt.exact_weights`` returns CPU
+    tensors): CUDA divides a tensor by a scalar as a product with the scalar's reciprocal, which
+    rounds differently, and layers built there once decoded 5 of 16 q4 tiles differently."""
+    for t in tensors:
+        if t.device.type != "cpu":
+            raise ValueError(f"int8 {name}: integer layers are built from CPU tensors, got one on {t.device}")
+
+
 def quantize_conv(w: Tensor, b: Tensor, *, in_unit: float, halves: bool, out_unit: float, name: str) -> QConv:
     """Quantize float64 grid weights ``w`` (``C_out x C_in x k x k``) and bias ``b`` for inputs in
     units of ``in_unit`` and outputs in units of ``out_unit``; raises ``ValueError`` if a worst-case
-    sum could overflow."""
+    sum could overflow, or for weights off the CPU (see :func:`_on_cpu`)."""
+    _on_cpu(name, w, b)
     s = weight_scale(w)
     wq = torch.round(w / s[:, None, None, None])
     unit = s * in_unit
