@@ -10,7 +10,8 @@ timing run decodes those bitstreams on ``--device``:
 * ``decode_batch`` of 1, 8, 32, 64 and 128 tiles (the tiles repeated to fill a batch), best of
   ``--reps``, reported per tile; every decoded tile is compared with the CPU's pixels;
 * through the server's ``DecodeBatcher`` (``max_batch`` 32, 8 client threads), each tile again
-  compared with the CPU's pixels.
+  compared with the CPU's pixels;
+* off the CPU, the same host's CPU decoder too (``cpu_b8``: ``decode_batch`` of 8), for comparison.
 
 A mismatch is counted and reported, never hidden: exact decoding promises identical pixels on any
 device.  Without ``--blobs`` the run encodes for itself (that needs CompressAI's compiled coder).
@@ -66,6 +67,12 @@ def prepare(path: Path, tiles: int) -> None:
     print(f"wrote {path}: {len(pixels)} tiles x {len(out['qualities'])} qualities")
 
 
+def _timed(fn: Any, *args: Any) -> float:
+    t0 = time.perf_counter()
+    fn(*args)
+    return time.perf_counter() - t0
+
+
 def _through_batcher(codec: Any, blobs: list[bytes], clients: int = 8) -> tuple[list[Any], float]:
     from tileserver.batching import DecodeBatcher
 
@@ -118,6 +125,11 @@ def run(data: dict[str, Any], device: str, reps: int) -> dict[str, Any]:
                 best = min(best, time.perf_counter() - t0)
             mismatches += sum(_digest(d) != digests[i] for d, i in zip(decoded, idx, strict=True))
             rows[f"b{b}"] = {"ms_per_tile": best * 1000 / b, "batch_ms": best * 1000}
+        if device != "cpu":  # the same host's CPU decoder, for comparison
+            cpu = neural.NeuralCodec(int(q), device="cpu")
+            cpu.decode_batch(blobs[:2])
+            best = min(_timed(cpu.decode_batch, blobs[:8]) for _ in range(reps))
+            rows["cpu_b8"] = {"ms_per_tile": best * 1000 / 8, "batch_ms": best * 1000}
         many = [blobs[i % len(blobs)] for i in range(4 * len(blobs))]
         results, wall = _through_batcher(codec, many)
         batcher_bad = sum(_digest(r) != digests[i % len(blobs)] for i, r in enumerate(results))
@@ -133,10 +145,11 @@ def run(data: dict[str, Any], device: str, reps: int) -> dict[str, Any]:
 
 def _table(report: dict[str, Any]) -> str:
     lines = [f"{report['device_name']} ({report['device']}), torch {report['torch']}, {report['tiles']} tiles"]
-    lines.append("q  " + "".join(f"{'b' + str(b):>9}" for b in BATCHES) + "  batcher  identical (ms per tile)")
+    lines.append("q  " + "".join(f"{'b' + str(b):>9}" for b in BATCHES) + "  batcher   cpu b8  identical (ms per tile)")
     for q, r in report["qualities"].items():
         cells = "".join(f"{r['batches'][f'b{b}']['ms_per_tile']:9.2f}" for b in BATCHES)
-        lines.append(f"{q:<3}{cells}{r['batcher']['ms_per_tile']:9.2f}  {r['pixels_identical_to_cpu']}")
+        cpu = r["batches"].get("cpu_b8", {}).get("ms_per_tile", float("nan"))
+        lines.append(f"{q:<3}{cells}{r['batcher']['ms_per_tile']:9.2f}{cpu:9.2f}  {r['pixels_identical_to_cpu']}")
     return "\n".join(lines)
 
 
