@@ -378,6 +378,15 @@ def _lr_at(cfg: TrainConfig, step: int, progress: float = 0.0) -> float:
     return warm * cfg.lr * cfg.lr_gamma ** sum(step >= m for m in cfg.lr_milestones)
 
 
+def _history(config: str, steps: int, minutes: float, prior: dict[str, Any]) -> dict[str, Any]:
+    """What a run starts from: its config and the steps and minutes of the whole chain before it."""
+    return {
+        "config": config,
+        "steps": steps + int(prior.get("steps", 0)),
+        "train_minutes": round(minutes + float(prior.get("train_minutes", 0.0)), 1),
+    }
+
+
 def _init_from_weights(cfg: TrainConfig, model: Any, device: str) -> dict[str, Any]:
     """Start ``model`` at a shipped model: ``init = "<file>.pt"`` names a weights file of the
     package (current or retired); returns its history (config, steps, minutes) from the manifest.
@@ -388,28 +397,19 @@ def _init_from_weights(cfg: TrainConfig, model: Any, device: str) -> dict[str, A
 
     from .codecs.models import load_state
     from .codecs.neural import WEIGHTS_DIR as PACKAGE_WEIGHTS
-    from .codecs.neural import _manifest
+    from .codecs.neural import _installed, weights_state
     from .errors import ConfigError
 
-    assert cfg.init is not None
-    path = PACKAGE_WEIGHTS / cfg.init
-    manifest = _manifest(PACKAGE_WEIGHTS)
-    entries = [*manifest.get("models", {}).values(), *manifest.get("retired", [])]
-    entry = next((e for e in entries if e["file"] == cfg.init), None)
+    path = PACKAGE_WEIGHTS / str(cfg.init)
+    entry = next((e for _, e in _installed(PACKAGE_WEIGHTS) if e["file"] == cfg.init), None)
     if entry is None or not path.is_file():
         raise ConfigError(f"{cfg.path}: init {cfg.init!r} is not an installed model of the package")
-    payload = torch.load(path, map_location=device, weights_only=False)
-    state = {
-        k: v.float() if k.startswith("g_a.") and v.is_floating_point() else v for k, v in payload["state_dict"].items()
-    }
-    load_state(model, state, missing_ok=("ctx_", "int8_"))
+    load_state(
+        model, weights_state(torch.load(path, map_location=device, weights_only=False)), missing_ok=("ctx_", "int8_")
+    )
     prior = dict(entry.get("init", {}))
-    return {
-        "config": Path(entry["config"]).name,
-        "steps": int(entry["steps"]) + int(prior.get("steps", 0)),
-        "train_minutes": round(float(entry["train_minutes"]) + float(prior.get("train_minutes", 0.0)), 1),
-        "weights": entry["sha256"][:12],
-    }
+    history = _history(Path(entry["config"]).name, int(entry["steps"]), float(entry["train_minutes"]), prior)
+    return {**history, "weights": entry["sha256"][:12]}
 
 
 def train(cfg: TrainConfig, *, data_dir: Path, until: dt.datetime | None, threads: int, device: str) -> int:
@@ -465,12 +465,7 @@ def train(cfg: TrainConfig, *, data_dir: Path, until: dt.datetime | None, thread
         ck = torch.load(base.run_dir / "ckpt.pt", map_location=device, weights_only=False)
         # A context model starts from the hyperprior it extends, its context network fresh.
         fresh = load_state(model, ck["model"], missing_ok=("ctx_", "int8_"))
-        prior = dict(ck.get("init", {}))
-        before = {
-            "config": str(base.path.name),
-            "steps": int(ck["step"]) + int(prior.get("steps", 0)),
-            "train_minutes": round((float(ck.get("wall", 0.0)) / 60 + float(prior.get("train_minutes", 0.0))), 1),
-        }
+        before = _history(base.path.name, int(ck["step"]), float(ck.get("wall", 0.0)) / 60, dict(ck.get("init", {})))
         _log(cfg, f"initialised {cfg.name} from {base.name} step {ck['step']} ({len(fresh)} new tensors)")
     if isinstance(model, KLTPS) and model._int8_ranges() and not model._int8_ready():
         _calibrate_int8(cfg, model, images, device)

@@ -311,10 +311,9 @@ class _Hyperprior:
 
         self.device = device
         # An integer entropy model decodes on the CPU whatever the device: the rANS decoder and the
-        # per-pass book-keeping run there anyway, its fused kernels are fastest there, and its
-        # integers are the same everywhere (on an H200, the generic path on CUDA decoded at
-        # 9-10 ms per tile at every batch size: bench/results/decode_gpu.json).  The device keeps
-        # the synthesis, in batches.
+        # per-pass book-keeping run there anyway, and its integers are the same everywhere (on an
+        # H200, the generic path on CUDA took 8.6-13 ms per tile at every batch size from 1 to 128:
+        # bench/results/decode_gpu.json).  The device keeps the synthesis, in batches.
         self.entropy_device = torch.device("cpu") if getattr(model, "int8_entropy", False) else device
         self.M = model.M
         self.side = _Factorized(model.hyper_bottleneck, model.H)
@@ -441,6 +440,12 @@ class _Context(_Hyperprior):
         return self._code(z_hat, h, w, lambda n, indexes, mu: self.tables.read(stream, indexes))
 
 
+def weights_state(payload: Mapping[str, Any]) -> dict[str, Any]:
+    """A weights file's ``state_dict`` as a model loads it: floating tensors back in float32 (the
+    analysis is stored in float16, ``save_weights``)."""
+    return {k: v.float() if v.is_floating_point() else v for k, v in payload["state_dict"].items()}
+
+
 class _Model:
     """Loaded weights plus everything coding needs, prepared once."""
 
@@ -451,7 +456,7 @@ class _Model:
 
         payload = torch.load(path, map_location="cpu", weights_only=True)
         model: Model = build(payload["architecture"], **payload["args"])
-        load_state(model, {k: v.float() if v.is_floating_point() else v for k, v in payload["state_dict"].items()})
+        load_state(model, weights_state(payload))
         model.eval()
         self.device = torch.device(device)
         self.model = model.to(self.device)
