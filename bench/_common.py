@@ -5,12 +5,23 @@ from __future__ import annotations
 import os
 import platform
 import socket
+import time
 from typing import Any
 
 import numpy as np
 
 #: XML namespace of a Deep Zoom descriptor
 DZI_NS = "{http://schemas.microsoft.com/deepzoom/2008}"
+
+
+def best_of(fn: Any, reps: int) -> float:
+    """Seconds of the fastest of ``reps`` calls of ``fn()``."""
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
 
 
 def free_port(host: str = "127.0.0.1") -> int:

@@ -36,7 +36,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from _common import psnr_batch, ssim_batch
+from _common import best_of, psnr_batch, ssim_batch
 from _tiles import load_tiles
 
 from tileserver import codecs
@@ -53,22 +53,13 @@ CLASSIC: list[tuple[str, dict[str, Any]]] = [
 BATCHES = (1, 4, 8, 16)
 
 
-def _best_of(fn: Any, reps: int) -> float:
-    best = float("inf")
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
-
-
 def bench_classic(tiles: np.ndarray, reps: int) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for name, params in CLASSIC:
         codec = codecs.get(name, **params)
         blobs = [codec.encode(t) for t in tiles]
         decoded = np.stack([codec.decode(b) for b in blobs])
-        per_tile = [_best_of(functools.partial(codec.decode, b), reps) * 1000 for b in blobs]
+        per_tile = [best_of(functools.partial(codec.decode, b), reps) * 1000 for b in blobs]
         label = name + ("-" + params["subsampling"] if "subsampling" in params else "")
         label += f"-q{params['quality']}" if "quality" in params else f"-d{params['distance']}"
         out[label] = {
@@ -98,27 +89,27 @@ def bench_neural(q: int, tiles: np.ndarray, reps: int, model_sha: str | None = N
     n = len(blobs)
     for threads in (1, 2):
         torch.set_num_threads(threads)
-        entropy = [_best_of(lambda b=b: codec._latent(model, b), reps) * 1000 for b in blobs]  # type: ignore[attr-defined,misc]
+        entropy = [best_of(lambda b=b: codec._latent(model, b), reps) * 1000 for b in blobs]  # type: ignore[attr-defined,misc]
         latents = [codec._latent(model, b)[0] for b in blobs]  # type: ignore[attr-defined]
         y_all = torch.from_numpy(np.stack(latents))
         by_batch: dict[int, dict[str, float]] = {}
         with torch.inference_mode():
             for bs in [b for b in BATCHES if b <= n]:
                 chunks = [y_all[i : i + bs] for i in range(0, n - bs + 1, bs)]
-                synth = _best_of(lambda chunks=chunks: [model.synthesize(c) for c in chunks], reps)
+                synth = best_of(lambda chunks=chunks: [model.synthesize(c) for c in chunks], reps)
                 codec._synthesis_batch = bs  # type: ignore[attr-defined]  # one synthesis pass per batch
-                full = _best_of(
+                full = best_of(
                     lambda bs=bs: [codec.decode_batch(blobs[i : i + bs]) for i in range(0, n - bs + 1, bs)], reps
                 )
                 count = bs * len(chunks)
                 by_batch[bs] = {"synthesis_ms": synth / count * 1000, "decode_ms": full / count * 1000}
-            fp32 = _best_of(
+            fp32 = best_of(
                 lambda y_all=y_all: [model.model.synthesize(y_all[i : i + 1].float()) for i in range(n)], reps
             )
         codec._synthesis_batch = None  # type: ignore[attr-defined]
         # A batch of 8 as the server's batcher hands it over (default synthesis passes).
         b8 = (
-            _best_of(lambda: [codec.decode_batch(blobs[i : i + 8]) for i in range(0, n - 7, 8)], reps)
+            best_of(lambda: [codec.decode_batch(blobs[i : i + 8]) for i in range(0, n - 7, 8)], reps)
             / (8 * (n // 8))
             * 1000
             if n >= 8

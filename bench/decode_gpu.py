@@ -21,6 +21,7 @@ Prints JSON and a table; writes ``bench/results/decode_gpu.json`` (``--out``).
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import json
 import pickle
@@ -36,6 +37,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from _common import best_of
 
 OUT = Path(__file__).resolve().parent / "results" / "decode_gpu.json"
 BATCHES = (1, 8, 32, 64, 128)
@@ -65,12 +68,6 @@ def prepare(path: Path, tiles: int) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(pickle.dumps(out))
     print(f"wrote {path}: {len(pixels)} tiles x {len(out['qualities'])} qualities")
-
-
-def _timed(fn: Any, *args: Any) -> float:
-    t0 = time.perf_counter()
-    fn(*args)
-    return time.perf_counter() - t0
 
 
 def _through_batcher(codec: Any, blobs: list[bytes], clients: int = 8) -> tuple[list[Any], float]:
@@ -116,19 +113,14 @@ def run(data: dict[str, Any], device: str, reps: int) -> dict[str, Any]:
         for b in BATCHES:
             idx = [i % len(blobs) for i in range(b)]
             batch = [blobs[i] for i in idx]
-            best = float("inf")
-            for _ in range(reps):
-                if device.startswith("cuda"):
-                    torch.cuda.synchronize()
-                t0 = time.perf_counter()
-                decoded = codec.decode_batch(batch)
-                best = min(best, time.perf_counter() - t0)
+            decoded = codec.decode_batch(batch)  # checked, and a warm-up at this batch size
             mismatches += sum(_digest(d) != digests[i] for d, i in zip(decoded, idx, strict=True))
+            best = best_of(functools.partial(codec.decode_batch, batch), reps)  # pixels come back: synchronous
             rows[f"b{b}"] = {"ms_per_tile": best * 1000 / b, "batch_ms": best * 1000}
         if device != "cpu":  # the same host's CPU decoder, for comparison
             cpu = neural.NeuralCodec(int(q), device="cpu")
             cpu.decode_batch(blobs[:2])
-            best = min(_timed(cpu.decode_batch, blobs[:8]) for _ in range(reps))
+            best = best_of(functools.partial(cpu.decode_batch, blobs[:8]), reps)
             rows["cpu_b8"] = {"ms_per_tile": best * 1000 / 8, "batch_ms": best * 1000}
         many = [blobs[i % len(blobs)] for i in range(4 * len(blobs))]
         results, wall = _through_batcher(codec, many)
