@@ -36,11 +36,8 @@ collect() {
   for name in "${names[@]}"; do
     cp "runs/$name/train.log" "$LOGS/$name.train.log" 2>/dev/null || true
     [ -f "runs/$name/ckpt.pt" ] || continue
-    # Model, steps and history only: the optimizer states would triple the size.
-    "$PY" -c 'import sys, torch
-ck = torch.load(sys.argv[1], map_location="cpu", weights_only=False)
-torch.save({k: v for k, v in ck.items() if k not in ("opt", "aux_opt")}, sys.argv[2])' \
-      "runs/$name/ckpt.pt" "$OUT/$name.pt" >> "$log" 2>&1
+    # Model, steps and history only (q3: 3.1 MB instead of 8.5 with the optimizer states).
+    "$PY" scripts/device/slim_checkpoint.py "runs/$name/ckpt.pt" "$OUT/$name.pt" >> "$log" 2>&1
   done
   tar -C "$LOGS" -czf "$OUT/logs.tgz" .
 }

@@ -59,10 +59,7 @@ for s in "${steps[@]}"; do
   for name in "klt-hp-s$s" "klt-hp-s$s-256" "klt-cx-s$s" "klt-cx-s$s-joint" "klt-cx-s$s-q8"; do
     cp "runs/$name/train.log" "$logs/$name.train.log" 2>/dev/null || true
   done
-  "$PY" -c 'import sys, torch
-ck = torch.load(sys.argv[1], map_location="cpu", weights_only=False)
-torch.save({k: v for k, v in ck.items() if k not in ("opt", "aux_opt")}, sys.argv[2])' \
-    "runs/klt-cx-s$s-q8/ckpt.pt" "$OUT/klt-cx-s$s-q8.pt"
+  "$PY" scripts/device/slim_checkpoint.py "runs/klt-cx-s$s-q8/ckpt.pt" "$OUT/klt-cx-s$s-q8.pt"
 done
 cp "$OUT"/logs/*.out "$logs/" 2>/dev/null || true
 rm -rf "$OUT/logs"
