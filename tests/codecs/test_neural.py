@@ -434,6 +434,28 @@ def test_refined_latents_code_the_same_tiles_at_a_lower_objective(real_tiles: li
     assert refined.encode_batch(tiles) == blobs  # repeatable: its noise is seeded by each tile's pixels
 
 
+def test_soft_rounding_anneals_to_the_nearer_integer() -> None:
+    # SGA's relaxed rounding: at a high temperature a blend of floor and ceiling with a gradient;
+    # at a low one (nearly) an integer, floor or ceiling, the nearer one far more often.
+    from tileserver.codecs.models.refine import soft_round
+
+    gen = torch.Generator().manual_seed(0)
+    r = (torch.arange(4000, dtype=torch.float64) % 40 - 20) / 8 + 0.0625  # every residue mod 1 in eighths
+    r.requires_grad_(True)
+    warm = soft_round(r, 0.5, torch.rand(*r.shape, 2, generator=gen, dtype=torch.float64))
+    assert bool(((warm >= torch.floor(r)) & (warm <= torch.floor(r) + 1)).all())
+    assert int(((warm - warm.round()).abs() > 0.05).sum()) > 1000  # blends, not integers
+    (grad,) = torch.autograd.grad(warm.sum(), [r])
+    assert bool((grad != 0).any())
+    cold = soft_round(r, 0.02, torch.rand(*r.shape, 2, generator=gen, dtype=torch.float64)).detach()
+    picked = cold.round()
+    assert float((cold - picked).abs().max()) < 1e-3
+    assert bool(((picked == torch.floor(r)) | (picked == torch.floor(r) + 1)).all())
+    frac = (r - torch.floor(r)).detach()
+    near = torch.where(frac < 0.5, torch.floor(r), torch.floor(r) + 1).detach()
+    assert float((picked == near)[(frac - 0.5).abs() > 0.2].double().mean()) > 0.8
+
+
 def test_refine_zero_and_small_tiles_code_as_without_it(real_tiles: list[np.ndarray]) -> None:
     from tileserver.codecs.models.refine import MIN_SIDE
 

@@ -501,10 +501,15 @@ class KLTHyper(KLTPS):
         hyper = [(self.int8_hyper_max, [0])] if self.int8_entropy else []
         return super()._int8_ranges() + hyper
 
-    def latent_params(self, y: Tensor, means: Tensor, log_scales: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def latent_params(
+        self, y: Tensor, means: Tensor, log_scales: Tensor, rounding: Callable[[Tensor], Tensor] | None = None
+    ) -> tuple[Tensor, Tensor, Tensor]:
         """Training: the (means, log-scales) ``y`` is coded under, and ``y`` rounded about those
-        means with a straight-through gradient.  Here the hyperprior's own; a context model
+        means with a straight-through gradient, or ``means + rounding(y - means)`` (a relaxed
+        rounding of the residuals: ``refine.py``).  Here the hyperprior's own; a context model
         refines them (``context.py``)."""
+        if rounding is not None:
+            return means, log_scales, means + rounding(y - means)
         return means, log_scales, y + (torch.round(y - means) + means - y).detach()
 
     def forward(self, x: Tensor) -> dict[str, Any]:
