@@ -53,6 +53,7 @@ from .klt import (
     _fake_quant_weight,
     _relu_grid_,
     exact_weights,
+    round_about,
 )
 
 __all__ = [
@@ -231,9 +232,8 @@ class KLTContext(KLTHyper):
     ) -> tuple[Tensor, Tensor, Tensor]:
         """Training: (means, log-scales, rounded latent) of ``y`` pass by pass, as decoding sees them.
 
-        Each pass rounds its latents about its own means (straight-through; or ``mu +
-        rounding(y - mu)``, as :meth:`KLTHyper.latent_params`) before a later pass reads them,
-        in the order the decoder follows.
+        Each pass rounds its latents about its own means (``klt.round_about``: straight-through,
+        or relaxed by ``rounding``) before a later pass reads them, in the order the decoder follows.
         """
         hyper_means = hyper_mean_clamped(means)
         anchors = anchor_mask(y.shape[2], y.shape[3], y.device).to(y.dtype)
@@ -248,7 +248,7 @@ class KLTContext(KLTHyper):
             for where in (True, False) if k < self.n_checkerboard else (None,):
                 d_mean, d_log = self._correction(k, prev, own, self._float_conv, self._float_act(k))
                 mu, ls = hm + d_mean, log_scales[:, lo:hi] + d_log
-                yh = yk + (torch.round(yk - mu) + mu - yk).detach() if rounding is None else mu + rounding(yk - mu)
+                yh = round_about(yk, mu, rounding)
                 if where is None:
                     mu_k, ls_k, yh_k = mu, ls, yh
                 elif where:

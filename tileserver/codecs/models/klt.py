@@ -63,6 +63,7 @@ __all__ = [
     "exact_weights",
     "fit_klt",
     "image_blocks",
+    "round_about",
     "scale_indexes",
 ]
 
@@ -330,6 +331,14 @@ class KLTPS(FactorizedPrior, nn.Module):
         return run
 
 
+def round_about(y: Tensor, means: Tensor, rounding: Callable[[Tensor], Tensor] | None = None) -> Tensor:
+    """``y`` rounded about ``means`` as the coder rounds it, with a straight-through gradient; or,
+    given a relaxed ``rounding`` of the residuals (``refine.py``), ``means + rounding(y - means)``."""
+    if rounding is None:
+        return y + (torch.round(y - means) + means - y).detach()
+    return means + rounding(y - means)
+
+
 def _fake_quant_weight(w: Tensor) -> Tensor:
     """``w`` rounded to int8 per output channel as ``int8.quantize_conv`` rounds it (straight-through)."""
     return _fake_quant(w, weight_scale(w)[:, None, None, None])
@@ -508,9 +517,7 @@ class KLTHyper(KLTPS):
         means with a straight-through gradient, or ``means + rounding(y - means)`` (a relaxed
         rounding of the residuals: ``refine.py``).  Here the hyperprior's own; a context model
         refines them (``context.py``)."""
-        if rounding is not None:
-            return means, log_scales, means + rounding(y - means)
-        return means, log_scales, y + (torch.round(y - means) + means - y).detach()
+        return means, log_scales, round_about(y, means, rounding)
 
     def forward(self, x: Tensor) -> dict[str, Any]:
         """Training pass: rates from noisy latents, synthesis from rounded ones (straight-through).
