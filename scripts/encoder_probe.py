@@ -135,9 +135,6 @@ def main(argv: list[str] | None = None) -> int:
     shipped = [*model.g_a.g.parameters(), *model.h_a.parameters()]
     for p in [*new, *shipped]:
         p.requires_grad_(True)
-    # The model's forward skips the synthesis when inverse.weight is frozen (rate-only fine-tunes):
-    # it takes a gradient here, which no optimizer applies.
-    model.inverse.weight.requires_grad_(True)
     opt = torch.optim.Adam([{"params": new, "base": args.lr}, {"params": shipped, "base": args.lr / 10}])
 
     def evaluate(step: int, **extra: Any) -> None:

@@ -522,8 +522,10 @@ class KLTHyper(KLTPS):
     def forward(self, x: Tensor) -> dict[str, Any]:
         """Training pass: rates from noisy latents, synthesis from rounded ones (straight-through).
 
-        With the synthesis frozen (rate-only fine-tuning, ``freeze`` in a training config)
-        training skips it: ``x_hat`` is then ``None``.
+        When nothing that shapes the image can learn (analysis and synthesis frozen: rate-only
+        fine-tuning, ``freeze`` in a training config) training skips the synthesis: ``x_hat`` is
+        then ``None``.  (The entropy models cannot move the image: the rounding's straight-through
+        gradient does not reach the means.)
         """
         y = self.g_a(x)
         z = self.h_a(y * self.step)
@@ -532,7 +534,8 @@ class KLTHyper(KLTPS):
         means, log_scales, y_hat = self.latent_params(y, means, log_scales)
         lo, hi = SCALE_LOG_TABLE[0], SCALE_LOG_TABLE[-1]
         _, y_lik = self.gaussian_conditional(y, torch.exp(log_scales.clamp(lo, hi)), means)
-        frozen = self.training and not self.inverse.weight.requires_grad
+        shaping = (self.g_a, self.inverse, self.g_s)
+        frozen = self.training and not any(p.requires_grad for m in shaping for p in m.parameters())
         x_hat = None if frozen else self.synthesize(y_hat)
         return {"x_hat": x_hat, "likelihoods": torch.cat([y_lik.flatten(), z_lik.flatten()])}
 
