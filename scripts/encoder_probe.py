@@ -10,7 +10,7 @@ stay frozen (``h_a``, the side latent's analysis, learns too: it is encode-only 
 
 Every ``--eval-every`` steps it codes 16 tissue tiles of ``bench/compress.py``'s set with the real
 codec (bitstreams and the integer decoder) and prints the rate change at equal SSIM against the
-unrefined q1-q5 curve of the same tiles (log bpp interpolated linearly in SSIM), as JSON lines.
+unrefined q1-q5 curve of the same tiles (``bench/compress.py``'s ``interp_bpp``), as JSON lines.
 
     .venv/bin/python scripts/encoder_probe.py --quality 3 --minutes 28          # CPU, docs/training.md
     python3 scripts/encoder_probe.py --quality 3 --minutes 8 --device cuda      # a GPU, larger batches
@@ -22,7 +22,6 @@ exported.  The weights of the trained encoder parts are saved to ``--out`` for i
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import math
 import os
@@ -36,13 +35,11 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 
-from _common import ssim_batch  # noqa: E402
 from _tiles import load_tiles  # noqa: E402
+from compress import interp_bpp, run_codec  # noqa: E402
 
 from tileserver import codecs  # noqa: E402
 from tileserver.train import CropSampler, load_config, load_images, rd_loss  # noqa: E402
-
-CONFIGS = ROOT / "tileserver" / "codecs" / "configs"
 
 
 def tiles16() -> np.ndarray:
@@ -52,22 +49,10 @@ def tiles16() -> np.ndarray:
     return np.stack([tiles[i].pixels for i in pick])
 
 
-def code(codec: Any, tiles: np.ndarray) -> tuple[float, float]:
-    """(mean bpp, mean SSIM) of ``tiles`` through ``codec``'s real bitstreams and decoder."""
-    blobs = codec.encode_batch(list(tiles))
-    decoded = np.stack(codec.decode_batch(blobs))
-    bpp = float(np.mean([len(b) * 8 / (t.shape[0] * t.shape[1]) for b, t in zip(blobs, tiles, strict=True)]))
-    return bpp, float(ssim_batch(tiles, decoded).mean())
-
-
-def rate_change(curve: list[tuple[float, float]], bpp: float, ssim: float) -> float:
-    """``bpp`` against the curve's bpp at ``ssim`` (log bpp linear in SSIM; the end segments extend)."""
-    pts = sorted(curve, key=lambda p: p[1])
-    for (b0, s0), (b1, s1) in itertools.pairwise(pts):
-        if ssim <= s1 or (b1, s1) == pts[-1]:
-            t = (ssim - s0) / (s1 - s0)
-            return bpp / math.exp(math.log(b0) + t * (math.log(b1) - math.log(b0))) - 1
-    raise ValueError("the curve needs two points")
+def code(codec: Any, tiles: np.ndarray) -> dict[str, float]:
+    """Mean bpp and SSIM of ``tiles`` through ``codec``'s real bitstreams and decoder (as the benchmark codes them)."""
+    got = run_codec("neural", codec, tiles)
+    return {"bpp": float(np.mean(got["bpp_per_tile"])), "ssim": float(np.mean(got["ssim_per_tile"]))}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -139,10 +124,11 @@ def main(argv: list[str] | None = None) -> int:
 
     def evaluate(step: int, **extra: Any) -> None:
         model.eval()
-        bpp, ssim = code(codec, tiles)
+        got = code(codec, tiles)
         model.train()
-        change = rate_change(curve, bpp, ssim)
-        print(json.dumps({"step": step, "bpp": bpp, "ssim": ssim, "rate_change": change, **extra}), flush=True)
+        on_curve = interp_bpp(curve, got["ssim"])  # None outside the curve's SSIM range
+        change = got["bpp"] / on_curve - 1 if on_curve else None
+        print(json.dumps({"step": step, **got, "rate_change": change, **extra}), flush=True)
 
     evaluate(0, curve=curve)
     images, _ = load_images(cfg, args.data)
