@@ -148,7 +148,10 @@ def test_get_neural_attributes() -> None:
     codec = codecs.get("neural", quality=qualities[0])
     assert isinstance(codec, codecs.TileCodec)
     assert codec.name == "neural"
-    assert codec.params == {"quality": qualities[0], "model": codec.model_info["weights_sha256"]}  # type: ignore[attr-defined]
+    decoding = {"quality": qualities[0], "model": codec.model_info["weights_sha256"]}  # type: ignore[attr-defined]
+    assert codec.decode_params == decoding  # type: ignore[attr-defined]
+    add_on = codec._entry.get("encoder")  # type: ignore[attr-defined]
+    assert codec.params == ({**decoding, "encoder": add_on["sha256"]} if add_on else decoding)
     assert codec.tiff_compression == 65000
     info = codec.model_info  # type: ignore[attr-defined]
     assert set(info) == {"architecture", "quality", "weights_sha256", "format_version"}
@@ -164,7 +167,8 @@ def test_unknown_quality_lists_available() -> None:
 
 def test_manifest_digests_match_shipped_files() -> None:
     manifest = json.loads((neural.WEIGHTS_DIR / "manifest.json").read_text())
-    for entry in [*manifest["models"].values(), *manifest.get("retired", [])]:
+    models = [*manifest["models"].values(), *manifest.get("retired", [])]
+    for entry in models + [m["encoder"] for m in models if "encoder" in m]:
         data = (neural.WEIGHTS_DIR / entry["file"]).read_bytes()
         assert hashlib.sha256(data).hexdigest() == entry["sha256"]
         assert len(data) < 8 << 20

@@ -65,6 +65,7 @@ __all__ = [
     "check_model",
     "parse_header",
     "retired_models",
+    "save_encoder",
     "save_weights",
 ]
 
@@ -226,6 +227,53 @@ def save_weights(
     tmp_manifest.write_text(json.dumps(manifest, indent=2) + "\n")
     tmp_manifest.replace(weights_dir / "manifest.json")
     return entry
+
+
+def save_encoder(
+    model: Any, *, quality: int, weights_dir: Path | None = None, meta: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """Write the deepened analysis of ``model`` (``models/encoder.py``) as the current q``quality``
+    model's encoder add-on, ``<model file>.encoder.pt``, and list it under that model's manifest entry.
+
+    ``model`` must be the current model of that quality with its analysis deepened and trained:
+    only ``g_a`` and ``h_a`` are saved, and bitstreams keep decoding with the model as it is (its
+    identity does not change).  A previous add-on of that model is replaced.  Returns its entry.
+    """
+    import torch
+
+    from .models.encoder import ENCODER_FORMAT, encoder_state
+
+    weights_dir = weights_dir or WEIGHTS_DIR
+    manifest = _manifest(weights_dir)
+    models = manifest.get("models", {})
+    if str(int(quality)) not in models:
+        raise ValueError(f"no current neural q{quality} model to add an encoder to")
+    entry = models[str(int(quality))]
+    deep = model.g_a
+    payload = {
+        "format": ENCODER_FORMAT,
+        "kind": "encoder",
+        "model_sha256": entry["sha256"],
+        "blocks": len(deep.blocks),
+        "width": int(deep.blocks[0].a.out_channels),
+        "state_dict": encoder_state(model),
+    }
+    out = weights_dir / (Path(entry["file"]).stem + ".encoder.pt")
+    tmp = out.with_suffix(".tmp")
+    torch.save(payload, tmp)
+    tmp.replace(out)
+    encoder = {
+        "file": out.name,
+        "sha256": hashlib.sha256(out.read_bytes()).hexdigest(),
+        "blocks": payload["blocks"],
+        "width": payload["width"],
+        **(meta or {}),
+    }
+    entry["encoder"] = encoder
+    tmp_manifest = weights_dir / "manifest.json.tmp"
+    tmp_manifest.write_text(json.dumps(manifest, indent=2) + "\n")
+    tmp_manifest.replace(weights_dir / "manifest.json")
+    return encoder
 
 
 def _architectures() -> dict[str, Any]:
@@ -470,9 +518,21 @@ class _Model:
         else:
             self.coder = _Factorized(model.entropy_bottleneck, model.M)
         self.synthesize = model.exact_synthesizer(self.device)
+        #: SHA-256 of the encoder add-on attached (``attach_encoder``), if any
+        self.encoder: str | None = None
         from .rans import warm_up
 
         warm_up()
+
+    def attach_encoder(self, path: Path, sha256: str) -> None:
+        """Encode with the add-on at ``path`` (its deeper ``g_a`` and ``h_a``; decoding is untouched)."""
+        import torch
+
+        from .models.encoder import load_encoder
+
+        load_encoder(self.model, torch.load(path, map_location="cpu", weights_only=True))
+        self.model.g_a.eval()
+        self.encoder = sha256
 
 
 @register("neural")
@@ -489,6 +549,13 @@ class NeuralCodec:
     latent refinement (``models/refine.py``; 0, the default, codes ``g_a``'s latent as is):
     fewer bits at the same quality for about ``refine`` training steps of encoding time per
     tile; bitstreams and decoding are unchanged (hyperprior and context models only).
+    ``encoder``: which analysis chooses the latents to code.  ``None`` (the default) uses the
+    model's encoder add-on when its manifest entry lists one (``models/encoder.py``: a deeper
+    analysis trained against the frozen decoder), else the model's own; ``"base"`` always the
+    model's own; a SHA-256 that add-on (slides record the one that coded them).  Like ``refine``
+    it only matters to encoding: the model, the bitstreams' decoding and the pixels they decode
+    to are the same whichever analysis coded them, and a missing add-on fails the encode, never
+    the decode.
     """
 
     name = "neural"
@@ -503,6 +570,7 @@ class NeuralCodec:
         threads: int | None = None,
         synthesis_batch: int | None = None,
         refine: int = 0,
+        encoder: str | None = None,
         weights_dir: Path | None = None,
     ) -> None:
         self.weights_dir = Path(weights_dir) if weights_dir is not None else WEIGHTS_DIR
@@ -531,6 +599,9 @@ class NeuralCodec:
         self._refine = refine
         if refine:
             self.params["refine"] = refine  # provenance: how the slide's tiles were encoded
+        self._encoder = self._pick_encoder(encoder, entry)
+        if self._encoder is not None:
+            self.params["encoder"] = self._encoder["sha256"]
         self._tag = bytes.fromhex(self._entry["sha256"])[:4]
         self.model_info: dict[str, Any] = {
             "architecture": self._entry["architecture"],
@@ -543,6 +614,24 @@ class NeuralCodec:
 
     def __repr__(self) -> str:
         return f"NeuralCodec(quality={self.quality}, device={self._device!r})"
+
+    def _pick_encoder(self, encoder: str | None, entry: Mapping[str, Any]) -> dict[str, Any] | None:
+        """The encoder add-on's manifest entry that ``encoder`` names (see the class docstring), or
+        ``None`` for the model's own analysis.  An add-on the manifest does not list is remembered
+        by its SHA-256 alone and fails at the first encode (decoding never needs it)."""
+        listed: dict[str, Any] | None = entry.get("encoder")
+        if encoder is None:
+            return listed
+        if encoder == "base":
+            return None
+        if not isinstance(encoder, str) or len(encoder) != 64 or encoder.strip("0123456789abcdef"):
+            raise ValueError(f"neural encoder must be 'base' or an add-on's SHA-256, got {encoder!r}")
+        return listed if listed is not None and listed["sha256"] == encoder else {"sha256": encoder}
+
+    @property
+    def decode_params(self) -> dict[str, Any]:
+        """What decoding depends on: ``params`` less what only encoding used (``refine``, ``encoder``)."""
+        return {"quality": self.quality, "model": self._entry["sha256"]}
 
     @property
     def device(self) -> str:
@@ -575,6 +664,25 @@ class NeuralCodec:
                 self._model = _Model(path, device)
             return self._model
 
+    def _load_encoder(self) -> _Model:
+        """The loaded model, with its encoder add-on attached if this codec encodes with one."""
+        m = self._load()
+        want = self._encoder
+        if want is None or m.encoder == want["sha256"]:
+            return m
+        with self._lock:
+            if m.encoder is None:
+                label = f"neural q{self.quality}: encoder add-on {want['sha256'][:16]}..."
+                if "file" not in want:
+                    raise MissingModel(f"{label} is not listed for this model (encoder='base' codes without it)")
+                path = self.weights_dir / want["file"]
+                if not path.is_file():
+                    raise MissingModel(f"{label}: {path.name} is not installed (encoder='base' codes without it)")
+                if hashlib.sha256(path.read_bytes()).hexdigest() != want["sha256"]:
+                    raise MissingModel(f"{label}: {path.name} does not match its manifest digest")
+                m.attach_encoder(path, want["sha256"])
+        return m
+
     # -- encoding ------------------------------------------------------------------------
     def encode(self, tile: Tile) -> bytes:
         """Code one ``H x W x 3`` uint8 tile (``1 <= H, W <= MAX_TILE_SIDE``)."""
@@ -584,7 +692,7 @@ class NeuralCodec:
         """Code many tiles; same-shape tiles share one analysis forward pass."""
         import torch
 
-        m = self._load()  # imports compressai (quietly) before we import from it
+        m = self._load_encoder()  # imports compressai (quietly) before we import from it
         from compressai.ans import RansEncoder
 
         arrays = [_check_tile(t) for t in tiles]

@@ -94,9 +94,14 @@ class _Analysis(nn.Module):
         nn.init.zeros_(self.r2.weight)
         nn.init.zeros_(_bias(self.r2))
 
-    def forward(self, x: Tensor) -> Tensor:
+    def features(self, x: Tensor) -> Tensor:
+        """The analysis before its division by the quantization step (``models/encoder.py`` adds to it)."""
         c: Tensor = self.klt(x)
-        out: Tensor = (c + self.r2(F.relu(self.r1(c)))) / self.step
+        out: Tensor = c + self.r2(F.relu(self.r1(c)))
+        return out
+
+    def forward(self, x: Tensor) -> Tensor:
+        out: Tensor = self.features(x) / self.step
         return out
 
 
