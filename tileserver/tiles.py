@@ -180,7 +180,10 @@ class NeuralDecoders:
                 self._loading -= 1
 
     def _decoder_for(self, codec: Any) -> Decoder:
-        key = (codec.name, tuple(sorted((k, repr(v)) for k, v in codec.params.items())))
+        # Slides whose codecs differ only in how they encoded (refinement, encoder add-on) decode
+        # with one model and share its batcher.
+        params = dict(getattr(codec, "decode_params", codec.params))
+        key = (codec.name, tuple(sorted((k, repr(v)) for k, v in params.items())))
         with self._lock:
             batcher = self._batchers.get(key)
             key_lock = self._key_locks.setdefault(key, threading.Lock())
@@ -194,7 +197,7 @@ class NeuralDecoders:
                         self._loading += 1
                 if batcher is None:
                     try:
-                        batcher = self._create(codec)
+                        batcher = self._create(codec, params)
                     finally:
                         with self._lock:
                             self._loading -= 1
@@ -203,7 +206,7 @@ class NeuralDecoders:
         decode: Decoder = batcher.decode
         return decode
 
-    def _create(self, slide_codec: Any) -> Any:
+    def _create(self, slide_codec: Any, decode_params: dict[str, Any]) -> Any:
         import torch
 
         from .batching import DecodeBatcher
@@ -212,7 +215,7 @@ class NeuralDecoders:
         threads = self.settings.resolved_torch_threads()
         torch.set_num_threads(threads)
         start = time.perf_counter()
-        params = {**slide_codec.params, "device": self.settings.device, "threads": threads}
+        params = {**decode_params, "device": self.settings.device, "threads": threads}
         try:
             codec = get_codec(slide_codec.name, **params)
         except TypeError:  # a codec without device/threads parameters decodes where it was built

@@ -163,6 +163,24 @@ def test_readyz_waits_for_model_preload(tmp_path: Path) -> None:
     assert client.get("/readyz").status_code == 200
 
 
+def test_codecs_that_differ_only_in_encoding_share_one_batcher(tmp_path: Path) -> None:
+    # Refinement and the encoder add-on are recorded in a slide's codec parameters but do not change
+    # how it decodes: such slides share one model in memory and one batcher's batches.
+    neural = pytest.importorskip("tileserver.codecs.neural")
+    decoders = NeuralDecoders(make_settings(tmp_path, device="cpu", torch_threads=1))
+    try:
+        plain = decoders._decoder_for(neural.NeuralCodec(1, encoder="base"))
+        refined = decoders._decoder_for(neural.NeuralCodec(1, refine=5))
+        other = decoders._decoder_for(neural.NeuralCodec(2, refine=5))
+        assert getattr(plain, "__self__", None) is getattr(refined, "__self__", object())
+        assert [k[1] for k in decoders._batchers] == [
+            (("model", repr(neural.NeuralCodec(q).params["model"])), ("quality", repr(q))) for q in (1, 2)
+        ]
+        assert other.__self__ is not plain.__self__  # type: ignore[attr-defined]
+    finally:
+        decoders.close()
+
+
 def test_preload_builds_a_batcher_per_installed_model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     neural = pytest.importorskip("tileserver.codecs.neural")
     monkeypatch.setattr(neural, "available_qualities", lambda *a: [2, 4])
