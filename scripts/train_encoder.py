@@ -1,22 +1,25 @@
-"""Experiment: a deeper analysis (encoder only) trained against an installed model's frozen decoder.
+"""Train an encoder add-on: a deeper analysis against an installed model's frozen decoder.
 
 Encoder-side refinement (``models/refine.py``) shows that the analysis leaves bits on the table
-(11 % at SSIM 0.95 in 60 steps per tile).  An analysis with more capacity could take part of that
-back at no cost to decoding: this script appends residual blocks at the latent resolution to a
-shipped model's analysis (the first also sees the raw pixels of each 8x8 block, which the KLT's
-channels leave out), each starting at zero so the start is the shipped encoder, and trains them
-with the model's own objective while the synthesis, hyper-synthesis, context and entropy models
-stay frozen (``h_a``, the side latent's analysis, learns too: it is encode-only as well).
+(11 % at SSIM 0.95 in 60 steps per tile).  An analysis with more capacity takes part of that back
+at no cost to decoding: this script deepens the current q``--quality`` model's analysis
+(``models/encoder.py``: residual blocks at the latent resolution, the first also seeing the raw
+pixels of each 8x8 block, each starting at zero so the start is the shipped encoder) and trains
+them, the shipped analysis and ``h_a`` (the side latent's analysis, encode-only as well) with the
+model's own objective on its own training data, while the synthesis, hyper-synthesis, context and
+entropy models stay frozen.
 
 Every ``--eval-every`` steps it codes 16 tissue tiles of ``bench/compress.py``'s set with the real
 codec (bitstreams and the integer decoder) and prints the rate change at equal SSIM against the
-unrefined q1-q5 curve of the same tiles (``bench/compress.py``'s ``interp_bpp``), as JSON lines.
+q1-q5 curve of the same tiles coded with the models' own analyses (``bench/compress.py``'s
+``interp_bpp``), as JSON lines.  The trained parts, with the steps and minutes of every run that
+led to them, are saved to ``--out``; ``--resume`` continues from such a file (a new optimizer and
+the next crops), and ``--install`` writes the result as the model's encoder add-on
+(``codecs.neural.save_encoder``) with its provenance in the manifest.
 
-    .venv/bin/python scripts/encoder_probe.py --quality 3 --minutes 28          # CPU, docs/training.md
-    python3 scripts/encoder_probe.py --quality 3 --minutes 8 --device cuda      # a GPU, larger batches
-
-Not a product path yet: the blocks are not part of any architecture, so nothing here can be
-exported.  The weights of the trained encoder parts are saved to ``--out`` for inspection.
+    .venv/bin/python scripts/train_encoder.py --quality 3 --minutes 28 --out q3.pt --install    # CPU
+    python3 scripts/train_encoder.py --quality 3 --minutes 7 --device cuda --batch 32 --out q3.pt  # a GPU
+    .venv/bin/python scripts/train_encoder.py --quality 3 --resume q3.pt --minutes 0 --install  # install it
 """
 
 from __future__ import annotations
@@ -55,10 +58,24 @@ def code(codec: Any, tiles: np.ndarray) -> dict[str, float]:
     return {"bpp": float(np.mean(got["bpp_per_tile"])), "ssim": float(np.mean(got["ssim_per_tile"]))}
 
 
+def rate_change(curve: list[dict[str, float]], got: dict[str, float]) -> tuple[float, bool]:
+    """``got``'s bits against the curve's at ``got``'s SSIM - 1, and whether the curve was extrapolated
+    (linearly in log bpp along its first or last segment: q1 and q5 can leave its SSIM range)."""
+    on_curve = interp_bpp(curve, got["ssim"])
+    if on_curve is not None:
+        return got["bpp"] / on_curve - 1, False
+    pts = sorted(curve, key=lambda p: p["ssim"])
+    a, b = pts[:2] if got["ssim"] < pts[0]["ssim"] else pts[-2:]
+    t = (got["ssim"] - a["ssim"]) / (b["ssim"] - a["ssim"])
+    log_bpp = math.log(a["bpp"]) + t * (math.log(b["bpp"]) - math.log(a["bpp"]))
+    return got["bpp"] / math.exp(log_bpp) - 1, True
+
+
 def main(argv: list[str] | None = None) -> int:
     import torch
-    import torch.nn.functional as F
-    from torch import Tensor, nn
+
+    from tileserver.codecs.models.encoder import deepen
+    from tileserver.codecs.neural import save_encoder
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quality", type=int, default=3)
@@ -66,6 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--width", type=int, default=128, help="hidden width of each block")
     ap.add_argument("--lr", type=float, default=3e-4, help="the blocks' first step size (the shipped parts: a tenth)")
     ap.add_argument("--minutes", type=float, default=28.0, help="training time (cosine schedule over it)")
+    ap.add_argument("--steps", type=int, default=0, help="train this many steps instead (schedule over them)")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--crop", type=int, default=128)
     ap.add_argument("--eval-every", type=int, default=2000)
@@ -73,70 +91,75 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     data = os.environ.get("TILESERVER_TEST_DATA", ROOT.parent / "shared" / "data")
     ap.add_argument("--data", type=Path, default=Path(data))
-    ap.add_argument("--out", type=Path, default=Path("encoder_probe.pt"))
+    ap.add_argument("--out", type=Path, default=Path("encoder.pt"))
+    ap.add_argument(
+        "--resume",
+        help="continue from a file that --out wrote (same quality and blocks), or 'installed': the installed add-on",
+    )
+    ap.add_argument("--install", action="store_true", help="write the result as the model's encoder add-on")
     args = ap.parse_args(argv)
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     tiles = tiles16()
-    curve = [code(codecs.get("neural", quality=q, device=args.device), tiles) for q in (1, 2, 3, 4, 5)]
-    codec = codecs.get("neural", quality=args.quality, device=args.device)
-    entry = codec._entry  # type: ignore[attr-defined]
+    base = {"encoder": "base", "device": args.device}
+    curve = [code(codecs.get("neural", quality=q, **base), tiles) for q in (1, 2, 3, 4, 5)]
+    runs: list[dict[str, Any]] = []
+    if args.resume == "installed":
+        # The codec encodes with the model's add-on, attached to it; training goes on in place.
+        codec = codecs.get("neural", quality=args.quality, device=args.device)
+        entry = codec._entry  # type: ignore[attr-defined]
+        if "encoder" not in entry:
+            raise SystemExit(f"q{args.quality} has no installed encoder add-on to resume")
+        model = codec._load_encoder().model  # type: ignore[attr-defined]
+        deep = model.g_a
+        args.blocks, args.width = entry["encoder"]["blocks"], entry["encoder"]["width"]
+        runs = list(entry["encoder"]["runs"])
+    else:
+        codec = codecs.get("neural", quality=args.quality, **base)
+        entry = codec._entry  # type: ignore[attr-defined]
+        model = codec._load().model  # type: ignore[attr-defined]  # trained in place: the codec encodes with it
+        deep = deepen(model, args.blocks, args.width)
+        if args.resume:
+            before = torch.load(args.resume, map_location="cpu", weights_only=True)
+            if before["quality"] != args.quality or before["model"] != entry["sha256"]:
+                raise SystemExit(f"{args.resume} was trained for another model (q{before['quality']})")
+            if set(before["state"]) != {k for k in model.state_dict() if k.startswith(("g_a.", "h_a."))}:
+                raise SystemExit(f"{args.resume} does not fit --blocks {args.blocks} --width {args.width}")
+            model.load_state_dict(before["state"], strict=False)  # g_a and h_a: the decoder stays as shipped
+            runs = list(before["runs"])
     cfg = load_config(ROOT / entry["config"])
-    model = codec._load().model  # type: ignore[attr-defined]  # trained in place: the codec encodes with it
-
-    class Block(nn.Module):
-        def __init__(self, channels: int, width: int, extra: int = 0) -> None:
-            super().__init__()
-            self.a = nn.Conv2d(channels + extra, width, 3, padding=1)
-            self.b = nn.Conv2d(width, channels, 3, padding=1)
-            nn.init.zeros_(self.b.weight)
-            nn.init.zeros_(self.b.bias)
-
-        def forward(self, c: Tensor, extra: Tensor | None = None) -> Tensor:
-            inp = c if extra is None else torch.cat([c, extra], 1)
-            out: Tensor = c + self.b(F.relu(self.a(inp)))
-            return out
-
-    class Deeper(nn.Module):
-        def __init__(self, g: Any) -> None:
-            super().__init__()
-            self.g = g
-            pixels = 3 * 8 * 8
-            self.more = nn.ModuleList(Block(model.M, args.width, pixels if i == 0 else 0) for i in range(args.blocks))
-
-        def forward(self, x: Tensor) -> Tensor:
-            c = self.g.klt(x)
-            c = c + self.g.r2(F.relu(self.g.r1(c)))
-            for i, block in enumerate(self.more):
-                c = block(c, F.pixel_unshuffle(x - 0.5, 8) if i == 0 else None)
-            out: Tensor = c / self.g.step
-            return out
-
-    model.g_a = Deeper(model.g_a).to(args.device)
     for p in model.parameters():
         p.requires_grad_(False)
-    new = list(model.g_a.more.parameters())
-    shipped = [*model.g_a.g.parameters(), *model.h_a.parameters()]
+    new = list(deep.blocks.parameters())
+    shipped = [*deep.base.parameters(), *model.h_a.parameters()]
     for p in [*new, *shipped]:
         p.requires_grad_(True)
     opt = torch.optim.Adam([{"params": new, "base": args.lr}, {"params": shipped, "base": args.lr / 10}])
 
-    def evaluate(step: int, **extra: Any) -> None:
+    def evaluate(step: int, **extra: Any) -> dict[str, Any]:
         model.eval()
-        got = code(codec, tiles)
+        got: dict[str, Any] = code(codec, tiles)
         model.train()
-        on_curve = interp_bpp(curve, got["ssim"])  # None outside the curve's SSIM range
-        change = got["bpp"] / on_curve - 1 if on_curve else None
-        print(json.dumps({"step": step, **got, "rate_change": change, **extra}), flush=True)
+        got["rate_change"], extrapolated = rate_change(curve, got)
+        if extrapolated:
+            got["extrapolated"] = True
+        print(json.dumps({"step": step, **got, **extra}), flush=True)
+        return got
 
     evaluate(0, curve=curve)
     images, _ = load_images(cfg, args.data)
-    sampler = CropSampler(images, args.crop, 1)
+    sampler = CropSampler(images, args.crop, 1 + sum(r["steps"] for r in runs))  # resumed: the next crops
     model.train()
     started, step, losses = time.monotonic(), 0, []
-    while (elapsed := time.monotonic() - started) < args.minutes * 60:
-        scale = 0.5 * (1 + math.cos(math.pi * elapsed / (args.minutes * 60)))
+
+    def progress() -> float:
+        if args.steps:
+            return step / args.steps
+        return (time.monotonic() - started) / (args.minutes * 60) if args.minutes > 0 else 1.0
+
+    while progress() < 1:
+        scale = 0.5 * (1 + math.cos(math.pi * progress()))
         for group in opt.param_groups:
             group["lr"] = group["base"] * scale
         x = torch.from_numpy(sampler.batch(args.batch)).to(args.device).permute(0, 3, 1, 2).float() / 255.0
@@ -150,9 +173,25 @@ def main(argv: list[str] | None = None) -> int:
         if step % args.eval_every == 0:
             evaluate(step, loss=float(np.mean(losses)), s_per_step=(time.monotonic() - started) / step)
             losses = []
-    evaluate(step, minutes=(time.monotonic() - started) / 60)
+    minutes = (time.monotonic() - started) / 60
+    final = evaluate(step, minutes=minutes)
+    if step:
+        settings = {k: v for k, v in vars(args).items() if k not in ("data", "out", "install", "resume", "quality")}
+        runs.append({**settings, "steps": step, "minutes": round(minutes, 1)})
     state = {k: v for k, v in model.state_dict().items() if k.startswith(("g_a.", "h_a."))}
-    torch.save({"args": vars(args) | {"data": str(args.data), "out": str(args.out)}, "state": state}, args.out)
+    payload = {"quality": args.quality, "model": entry["sha256"], "runs": runs, "state": state}
+    torch.save(payload, args.out)
+    if args.install:
+        model.eval()
+        meta = {
+            "script": "scripts/train_encoder.py",
+            "config": entry["config"],
+            "runs": runs,
+            "steps": sum(r["steps"] for r in runs),
+            "train_minutes": round(sum(r["minutes"] for r in runs), 1),
+            "eval": {"tiles": 16, **{k: round(v, 5) if isinstance(v, float) else v for k, v in final.items()}},
+        }
+        print(json.dumps(save_encoder(model, quality=args.quality, meta=meta)), flush=True)
     return 0
 
 
