@@ -4,6 +4,9 @@
     .venv/bin/python bench/compress.py --retired  # and the retired neural models beside the current ones
     .venv/bin/python bench/compress.py --retired --refine 60   # and the current ones with 60 refinement steps
 
+Current models with an encoder add-on (``models/encoder.py``) code with it, as ``convert`` does;
+the row ``neural-base`` codes the same models with their own analyses, for comparison.
+
 For each codec and quality setting: mean bits per pixel, SSIM (design §8:
 pytorch_msssim, 11-px Gaussian window, data_range 255) and PSNR over the tiles.
 Then per codec: bpp at SSIM 0.95 and 0.97 (log-bpp interpolated along the curve),
@@ -260,12 +263,19 @@ def main(argv: list[str] | None = None) -> int:
             codec = codecs.get(name, **fixed, quality=v)
             raw[label].append({"param": v, **run_codec(label, codec, pixels)})
         print(f"  {label}: done ({time.time() - t_start:.0f} s)")
+    encoders: dict[int, str | None] = {}
     if not args.no_neural:
         for q in neural_qualities():
             codec = codecs.get("neural", quality=q)
+            encoders[q] = codec.params.get("encoder")
             raw.setdefault("neural", []).append({"param": q, **run_codec("neural", codec, pixels)})
         if "neural" in raw:
             print(f"  neural: done ({time.time() - t_start:.0f} s)")
+    if any(encoders.values()):
+        for q in encoders:
+            codec = codecs.get("neural", quality=q, encoder="base")
+            raw.setdefault("neural-base", []).append({"param": q, **run_codec("neural", codec, pixels)})
+        print(f"  neural-base (the models' own analyses): done ({time.time() - t_start:.0f} s)")
     if args.refine and not args.no_neural:
         for q in neural_qualities():
             codec = codecs.get("neural", quality=q, refine=args.refine)
@@ -295,6 +305,7 @@ def main(argv: list[str] | None = None) -> int:
         "sources": sorted({t.source for t in tiles}),
         "source_codecs": {t.source: t.source_codec for t in tiles},
         "refine_steps": args.refine,
+        "encoder_add_ons": {str(q): sha for q, sha in encoders.items()},
         "held_out_sources": sorted(held),
         "subsets": {},
         "wall_s": None,
