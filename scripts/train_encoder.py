@@ -174,6 +174,10 @@ def main(argv: list[str] | None = None) -> int:
             evaluate(step, loss=float(np.mean(losses)), s_per_step=(time.monotonic() - started) / step)
             losses = []
     minutes = (time.monotonic() - started) / 60
+    if args.install:  # evaluate what will be installed: the add-on is stored in float16
+        with torch.no_grad():
+            for p in [*new, *shipped]:
+                p.copy_(p.half().float())
     final = evaluate(step, minutes=minutes)
     if step:
         settings = {k: v for k, v in vars(args).items() if k not in ("data", "out", "install", "resume", "quality")}
