@@ -19,7 +19,7 @@ torch = pytest.importorskip("torch")
 
 from tileserver.codecs.models import build  # noqa: E402
 from tileserver.codecs.models.encoder import DeepAnalysis, deepen, encoder_state, load_encoder  # noqa: E402
-from tileserver.codecs.neural import WEIGHTS_DIR, NeuralCodec, save_encoder, save_weights  # noqa: E402
+from tileserver.codecs.neural import NeuralCodec, save_encoder, save_weights  # noqa: E402
 
 pytestmark = pytest.mark.shared_data
 
@@ -142,17 +142,3 @@ def test_a_payload_that_does_not_fit_leaves_the_model_as_it_was() -> None:
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
     with pytest.raises(ValueError, match="hyperprior KLT model"):
         deepen(build("klt-ps8", M=8, N=8, widths=[8, 8], step=0.05), 1, 8)
-
-
-def test_shipped_add_ons_fit_their_models() -> None:
-    manifest = json.loads((WEIGHTS_DIR / "manifest.json").read_text())
-    for q, entry in manifest["models"].items():
-        add_on = entry.get("encoder")
-        if add_on is None:
-            continue
-        payload = torch.load(WEIGHTS_DIR / add_on["file"], map_location="cpu", weights_only=True)
-        assert payload["model_sha256"] == entry["sha256"]
-        codec = NeuralCodec(int(q))
-        model = codec._load_encoder().model
-        assert isinstance(model.g_a, DeepAnalysis) and len(model.g_a.blocks) == add_on["blocks"]
-        assert {"script", "config", "steps", "train_minutes"} <= set(add_on)
