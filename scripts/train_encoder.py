@@ -25,6 +25,7 @@ the next crops), and ``--install`` writes the result as the model's encoder add-
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -84,6 +85,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--lr", type=float, default=3e-4, help="the blocks' first step size (the shipped parts: a tenth)")
     ap.add_argument("--minutes", type=float, default=28.0, help="training time (cosine schedule over it)")
     ap.add_argument("--steps", type=int, default=0, help="train this many steps instead (schedule over them)")
+    ap.add_argument(
+        "--lambda-mse",
+        type=float,
+        help="weight of an MSE term in the objective (the config's lambda_mse otherwise): a fidelity guard",
+    )
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--crop", type=int, default=128)
     ap.add_argument("--eval-every", type=int, default=2000)
@@ -129,6 +135,8 @@ def main(argv: list[str] | None = None) -> int:
             model.load_state_dict(before["state"], strict=False)  # g_a and h_a: the decoder stays as shipped
             runs = list(before["runs"])
     cfg = load_config(ROOT / entry["config"])
+    if args.lambda_mse is not None:
+        cfg = dataclasses.replace(cfg, lambda_mse=args.lambda_mse)
     for p in model.parameters():
         p.requires_grad_(False)
     new = list(deep.blocks.parameters())
