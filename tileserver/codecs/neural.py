@@ -181,7 +181,6 @@ def save_weights(
     model this replaces at ``quality`` stays installed, listed as ``retired``, so
     the slides it coded keep decoding.  Returns the manifest entry.
     """
-    import torch
 
     weights_dir = weights_dir or WEIGHTS_DIR
     model.eval()
@@ -201,12 +200,9 @@ def save_weights(
     }
     weights_dir.mkdir(parents=True, exist_ok=True)
     out = weights_dir / f"{name}.pt"
-    tmp = out.with_suffix(".tmp")
-    torch.save(payload, tmp)
-    tmp.replace(out)
     entry: dict[str, Any] = {
         "file": out.name,
-        "sha256": hashlib.sha256(out.read_bytes()).hexdigest(),
+        "sha256": _save_file(payload, out),
         "architecture": architecture,
         "args": dict(model.config),
         **(meta or {}),
@@ -223,9 +219,7 @@ def save_weights(
     manifest["models"] = dict(sorted(models.items(), key=lambda kv: int(kv[0])))
     if retired:
         manifest["retired"] = retired
-    tmp_manifest = weights_dir / "manifest.json.tmp"
-    tmp_manifest.write_text(json.dumps(manifest, indent=2) + "\n")
-    tmp_manifest.replace(weights_dir / "manifest.json")
+    _write_manifest(weights_dir, manifest)
     return entry
 
 
@@ -239,7 +233,6 @@ def save_encoder(
     only ``g_a`` and ``h_a`` are saved, and bitstreams keep decoding with the model as it is (its
     identity does not change).  A previous add-on of that model is replaced.  Returns its entry.
     """
-    import torch
 
     from .models.encoder import ENCODER_FORMAT, encoder_state
 
@@ -259,21 +252,40 @@ def save_encoder(
         "state_dict": encoder_state(model),
     }
     out = weights_dir / (Path(entry["file"]).stem + ".encoder.pt")
-    tmp = out.with_suffix(".tmp")
-    torch.save(payload, tmp)
-    tmp.replace(out)
     encoder = {
         "file": out.name,
-        "sha256": hashlib.sha256(out.read_bytes()).hexdigest(),
+        "sha256": _save_file(payload, out),
         "blocks": payload["blocks"],
         "width": payload["width"],
         **(meta or {}),
     }
     entry["encoder"] = encoder
-    tmp_manifest = weights_dir / "manifest.json.tmp"
-    tmp_manifest.write_text(json.dumps(manifest, indent=2) + "\n")
-    tmp_manifest.replace(weights_dir / "manifest.json")
+    _write_manifest(weights_dir, manifest)
     return encoder
+
+
+def _save_file(payload: dict[str, Any], out: Path) -> str:
+    """``torch.save`` ``payload`` to ``out`` atomically (a temporary file renamed into place); its SHA-256."""
+    import torch
+
+    tmp = out.with_suffix(".tmp")
+    torch.save(payload, tmp)
+    tmp.replace(out)
+    return hashlib.sha256(out.read_bytes()).hexdigest()
+
+
+def _write_manifest(weights_dir: Path, manifest: dict[str, Any]) -> None:
+    tmp = weights_dir / "manifest.json.tmp"
+    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
+    tmp.replace(weights_dir / "manifest.json")
+
+
+def _check_file(path: Path, sha256: str, label: str) -> None:
+    """Raise ``MissingModel`` unless ``path`` is installed with the digest its manifest lists."""
+    if not path.is_file():
+        raise MissingModel(f"{label}: {path.name} is not installed")
+    if hashlib.sha256(path.read_bytes()).hexdigest() != sha256:
+        raise MissingModel(f"{label}: {path.name} does not match its manifest digest")
 
 
 def _architectures() -> dict[str, Any]:
@@ -656,11 +668,7 @@ class NeuralCodec:
                 if device == "auto":
                     device = "cuda" if torch.cuda.is_available() else "cpu"
                 path = self.weights_dir / self._entry["file"]
-                if not path.is_file():
-                    raise MissingModel(f"neural q{self.quality}: weights file {path.name} is not installed")
-                digest = hashlib.sha256(path.read_bytes()).hexdigest()
-                if digest != self._entry["sha256"]:
-                    raise MissingModel(f"neural q{self.quality}: {path.name} does not match its manifest digest")
+                _check_file(path, self._entry["sha256"], f"neural q{self.quality} weights")
                 self._model = _Model(path, device)
             return self._model
 
@@ -672,14 +680,14 @@ class NeuralCodec:
             return m
         with self._lock:
             if m.encoder is None:
-                label = f"neural q{self.quality}: encoder add-on {want['sha256'][:16]}..."
-                if "file" not in want:
-                    raise MissingModel(f"{label} is not listed for this model (encoder='base' codes without it)")
-                path = self.weights_dir / want["file"]
-                if not path.is_file():
-                    raise MissingModel(f"{label}: {path.name} is not installed (encoder='base' codes without it)")
-                if hashlib.sha256(path.read_bytes()).hexdigest() != want["sha256"]:
-                    raise MissingModel(f"{label}: {path.name} does not match its manifest digest")
+                label = f"neural q{self.quality} encoder add-on {want['sha256'][:16]}..."
+                try:
+                    if "file" not in want:
+                        raise MissingModel(f"{label} is not listed for this model")
+                    path = self.weights_dir / want["file"]
+                    _check_file(path, want["sha256"], label)
+                except MissingModel as exc:
+                    raise MissingModel(f"{exc} (encoder='base' codes without it)") from None
                 m.attach_encoder(path, want["sha256"])
         return m
 
