@@ -13,7 +13,7 @@ Every ``--eval-every`` steps it codes 16 tissue tiles of ``bench/compress.py``'s
 codec (bitstreams and the integer decoder) and prints the rate change at equal SSIM against the
 q1-q5 curve of the same tiles coded with the models' own analyses (``bench/compress.py``'s
 ``interp_bpp``) and the PSNR change against the model's own analysis, as JSON lines: trained on
-SSIM alone, the first add-ons bought 1-3 % of rate with 0.6-0.8 dB of PSNR (docs/training.md), so
+SSIM alone, the first add-ons bought 1-3 % of rate with 0.55-0.8 dB of PSNR (docs/training.md), so
 ``--lambda-mse`` adds a fidelity guard.  The trained parts, with the steps and minutes of every run that
 led to them, are saved to ``--out``; ``--resume`` continues from such a file (a new optimizer and
 the next crops), and ``--install`` writes the result as the model's encoder add-on
@@ -77,7 +77,7 @@ def rate_change(curve: list[dict[str, float]], got: dict[str, float]) -> tuple[f
 def main(argv: list[str] | None = None) -> int:
     import torch
 
-    from tileserver.codecs.models.encoder import deepen
+    from tileserver.codecs.models.encoder import ENCODER_PREFIXES, deepen
     from tileserver.codecs.neural import save_encoder
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -132,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
             before = torch.load(args.resume, map_location="cpu", weights_only=True)
             if before["quality"] != args.quality or before["model"] != entry["sha256"]:
                 raise SystemExit(f"{args.resume} was trained for another model (q{before['quality']})")
-            if set(before["state"]) != {k for k in model.state_dict() if k.startswith(("g_a.", "h_a."))}:
+            if set(before["state"]) != {k for k in model.state_dict() if k.startswith(ENCODER_PREFIXES)}:
                 raise SystemExit(f"{args.resume} does not fit --blocks {args.blocks} --width {args.width}")
             model.load_state_dict(before["state"], strict=False)  # g_a and h_a: the decoder stays as shipped
             runs = list(before["runs"])
@@ -154,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
         got["rate_change"], extrapolated = rate_change(curve, got)
         if extrapolated:
             got["extrapolated"] = True
-        # Fidelity: an SSIM objective can buy its score with PSNR (the first add-ons lost 0.6-0.8 dB).
+        # Fidelity: an SSIM objective can buy its score with PSNR (the first add-ons lost 0.55-0.8 dB).
         got["psnr_change"] = got["psnr"] - curve[args.quality - 1]["psnr"]
         print(json.dumps({"step": step, **got, **extra}), flush=True)
         return got
@@ -194,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     if step:
         settings = {k: v for k, v in vars(args).items() if k not in ("data", "out", "install", "resume", "quality")}
         runs.append({**settings, "steps": step, "minutes": round(minutes, 1)})
-    state = {k: v for k, v in model.state_dict().items() if k.startswith(("g_a.", "h_a."))}
+    state = {k: v for k, v in model.state_dict().items() if k.startswith(ENCODER_PREFIXES)}
     payload = {"quality": args.quality, "model": entry["sha256"], "runs": runs, "state": state}
     torch.save(payload, args.out)
     if args.install:
