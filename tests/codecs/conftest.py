@@ -36,3 +36,39 @@ def as_batch(images: np.ndarray) -> Any:
     import torch
 
     return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 255.0
+
+
+#: tiny random-weight builds of every architecture: the mechanics tests run on each
+TINY_ARCHS = {
+    "factorized-ps": {"N": 8, "M": 8, "widths": [8, 8, 8]},
+    "klt-ps8": {"M": 8, "N": 8, "widths": [8, 8], "step": 0.05},
+    "klt-hp8": {"M": 8, "N": 8, "widths": [8, 8], "step": 0.05, "H": 8},
+    "klt-cx8": {"M": 8, "N": 8, "widths": [8, 8], "step": 0.05, "H": 8, "slices": [2, 4], "checkerboard": 2},
+}
+
+
+def tiny_model(arch: str, seed: int) -> Any:
+    """A random-weight :data:`TINY_ARCHS` model whose latents (and, with a hyperprior, their
+    predicted densities) are spread so the entropy coder sees a range of symbols and scale tables."""
+    import torch
+
+    from tileserver.codecs.models import build
+
+    torch.manual_seed(seed)
+    model = build(arch, **TINY_ARCHS[arch])
+    with torch.no_grad():
+        if arch == "factorized-ps":
+            model.g_a[-1].weight.mul_(20.0)
+            model.g_s[-1].conv.weight.mul_(10.0)
+            model.g_s[-1].bias.fill_(0.5)
+        else:
+            for conv in [model.inverse, *(stage.conv for stage in model.g_s)]:
+                torch.nn.init.normal_(conv.weight, std=0.05)
+        if arch in ("klt-hp8", "klt-cx8"):
+            torch.nn.init.normal_(model.h_s2.weight, std=0.5)
+            torch.nn.init.normal_(model.h_s2.bias, std=1.0)
+        if arch == "klt-cx8":
+            for conv in model.ctx_out:
+                torch.nn.init.normal_(conv.weight, std=0.3)
+                torch.nn.init.normal_(conv.bias, std=0.3)
+    return model

@@ -13,7 +13,7 @@ import pytest
 
 from tileserver.errors import MissingModel
 
-from .conftest import as_batch
+from .conftest import TINY_ARCHS, as_batch, tiny_model
 
 torch = pytest.importorskip("torch")
 
@@ -23,26 +23,14 @@ from tileserver.codecs.neural import NeuralCodec, save_encoder, save_weights  # 
 
 pytestmark = pytest.mark.shared_data
 
-TINY = {
-    "klt-hp8": {"M": 8, "N": 8, "widths": [8, 8], "step": 0.05, "H": 8},
-    "klt-cx8": {"M": 8, "N": 8, "widths": [8, 8], "step": 0.05, "H": 8, "slices": [2, 4], "checkerboard": 2},
-}
+#: the architectures that take an add-on (hyperprior KLT models)
+TINY = ("klt-cx8", "klt-hp8")
 
 
-def _tiny(arch: str, seed: int = 0) -> torch.nn.Module:
-    torch.manual_seed(seed)
-    model = build(arch, **TINY[arch])
-    with torch.no_grad():  # spread the densities so the coder sees a range of tables
-        torch.nn.init.normal_(model.h_s2.weight, std=0.5)
-        for conv in [model.inverse, *(stage.conv for stage in model.g_s)]:
-            torch.nn.init.normal_(conv.weight, std=0.05)
-    return model
-
-
-@pytest.fixture(params=sorted(TINY))
+@pytest.fixture(params=TINY)
 def with_add_on(request: pytest.FixtureRequest, tmp_path: Path) -> tuple[Path, dict]:
     """A weights directory with a tiny q1 model and an encoder add-on for it (blocks not at zero)."""
-    save_weights(_tiny(request.param), name="tiny-q1", quality=1, weights_dir=tmp_path)
+    save_weights(tiny_model(request.param, 0), name="tiny-q1", quality=1, weights_dir=tmp_path)
     model = NeuralCodec(1, encoder="base", weights_dir=tmp_path)._load().model
     deep = deepen(model, 2, 16)
     with torch.no_grad():
@@ -58,7 +46,7 @@ def _tiles(image: np.ndarray) -> list[np.ndarray]:
 
 
 def test_new_blocks_start_as_the_shipped_analysis(image: np.ndarray) -> None:
-    model = _tiny("klt-cx8").eval()
+    model = tiny_model("klt-cx8", 0).eval()
     x = as_batch(np.stack(_tiles(image)[:1]))
     with torch.no_grad():
         before = model.g_a(x)
@@ -126,16 +114,16 @@ def test_encoder_must_be_base_or_a_digest(bad: object) -> None:
 
 
 def test_a_payload_that_does_not_fit_leaves_the_model_as_it_was() -> None:
-    donor = _tiny("klt-hp8")
+    donor = tiny_model("klt-hp8", 0)
     deepen(donor, 1, 16)
     payload = {"format": 1, "kind": "encoder", "blocks": 1, "width": 16, "state_dict": encoder_state(donor)}
-    args = {**TINY["klt-hp8"], "H": 12}
+    args = {**TINY_ARCHS["klt-hp8"], "H": 12}
     model = build("klt-hp8", **args)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(ValueError, match="h_a"):
         load_encoder(model, payload)
     with pytest.raises(ValueError, match="does not fit"):
-        load_encoder(build("klt-hp8", **TINY["klt-hp8"]), {**payload, "blocks": 2})
+        load_encoder(build("klt-hp8", **TINY_ARCHS["klt-hp8"]), {**payload, "blocks": 2})
     with pytest.raises(ValueError, match="not an encoder add-on"):
         load_encoder(model, {**payload, "kind": "weights"})
     assert not isinstance(model.g_a, DeepAnalysis)

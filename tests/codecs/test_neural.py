@@ -24,6 +24,7 @@ from tileserver import codecs
 from tileserver.errors import CorruptTile, MissingModel
 
 from ..conftest import CMU, DICOM, NDPI, PATCHES
+from .conftest import TINY_ARCHS, tiny_model
 
 torch = pytest.importorskip("torch")
 
@@ -62,41 +63,12 @@ def real_tiles() -> list[np.ndarray]:
     return [np.ascontiguousarray(t) for t in tiles]
 
 
-#: tiny random-weight builds of every architecture: the mechanics tests run on each
-TINY_ARCHS = {
-    "factorized-ps": {"N": 8, "M": 8, "widths": [8, 8, 8]},
-    "klt-ps8": {"M": 8, "N": 8, "widths": [8, 8], "step": 0.05},
-    "klt-hp8": {"M": 8, "N": 8, "widths": [8, 8], "step": 0.05, "H": 8},
-    "klt-cx8": {"M": 8, "N": 8, "widths": [8, 8], "step": 0.05, "H": 8, "slices": [2, 4], "checkerboard": 2},
-}
-
-
 @pytest.fixture(scope="module", params=sorted(TINY_ARCHS))
 def tiny_weights(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Two random-weight tiny models (qualities 1 and 2) in their own weights directory."""
-    from tileserver.codecs.models import build
-
     d = tmp_path_factory.mktemp("weights")
     for q in (1, 2):
-        torch.manual_seed(q)
-        model = build(request.param, **TINY_ARCHS[request.param])
-        with torch.no_grad():
-            # Spread the latents (and, with a hyperprior, their predicted densities)
-            # so the entropy coder sees a range of symbols and scale tables.
-            if request.param == "factorized-ps":
-                model.g_a[-1].weight.mul_(20.0)
-                model.g_s[-1].conv.weight.mul_(10.0)
-                model.g_s[-1].bias.fill_(0.5)
-            else:
-                for conv in [model.inverse, *(stage.conv for stage in model.g_s)]:
-                    torch.nn.init.normal_(conv.weight, std=0.05)
-            if request.param in ("klt-hp8", "klt-cx8"):
-                torch.nn.init.normal_(model.h_s2.weight, std=0.5)
-                torch.nn.init.normal_(model.h_s2.bias, std=1.0)
-            if request.param == "klt-cx8":
-                for conv in model.ctx_out:
-                    torch.nn.init.normal_(conv.weight, std=0.3)
-                    torch.nn.init.normal_(conv.bias, std=0.3)
+        model = tiny_model(request.param, q)
         save_weights(model, name=f"tiny-q{q}", quality=q, weights_dir=d)
     return d
 
