@@ -17,7 +17,7 @@ separate file, listed under its model's manifest entry, holding a new ``g_a`` an
 
 The add-on's weights are stored in float16, as the shipped analyses are: encoding needs no
 bit-exactness.  None is installed yet: the first ones, trained on the models' SSIM objective
-alone, bought 1-3 % of rate with 0.6-0.8 dB of PSNR (``docs/training.md``, "Encoder add-ons").
+alone, bought 1-3 % of rate with 0.55-0.8 dB of PSNR (``docs/training.md``, "Encoder add-ons").
 """
 
 from __future__ import annotations
