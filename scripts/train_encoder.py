@@ -12,12 +12,13 @@ entropy models stay frozen.
 Every ``--eval-every`` steps it codes 16 tissue tiles of ``bench/compress.py``'s set with the real
 codec (bitstreams and the integer decoder) and prints the rate change at equal SSIM against the
 q1-q5 curve of the same tiles coded with the models' own analyses (``bench/compress.py``'s
-``interp_bpp``) and the PSNR change against the model's own analysis, as JSON lines: trained on
-SSIM alone, the first add-ons bought 1-3 % of rate with 0.55-0.8 dB of PSNR (docs/training.md), so
-``--lambda-mse`` adds a fidelity guard.  The trained parts, with the steps and minutes of every run that
-led to them, are saved to ``--out``; ``--resume`` continues from such a file (a new optimizer and
-the next crops), and ``--install`` writes the result as the model's encoder add-on
-(``codecs.neural.save_encoder``) with its provenance in the manifest.
+``interp_bpp``), the rate change at equal PSNR against the same curve's PSNR (``rate_change_psnr``)
+and the PSNR change against the model's own analysis, as JSON lines: trained on SSIM alone, the first
+add-ons bought 1-3 % of rate with 0.55-0.8 dB of PSNR (docs/training.md), so ``--lambda-mse`` adds a
+fidelity guard, and an add-on pays only if both rate changes are below zero.  The trained parts,
+with the steps and minutes of every run that led to them, are saved to ``--out``; ``--resume``
+continues from such a file (a new optimizer and the next crops), and ``--install`` writes the result
+as the model's encoder add-on (``codecs.neural.save_encoder``) with its provenance in the manifest.
 
     .venv/bin/python scripts/train_encoder.py --quality 3 --minutes 28 --out q3.pt --install    # CPU
     python3 scripts/train_encoder.py --quality 3 --minutes 7 --device cuda --batch 32 --out q3.pt  # a GPU
@@ -61,15 +62,15 @@ def code(codec: Any, tiles: np.ndarray) -> dict[str, float]:
     return {k: float(np.mean(got[f"{k}_per_tile"])) for k in ("bpp", "ssim", "psnr")}
 
 
-def rate_change(curve: list[dict[str, float]], got: dict[str, float]) -> tuple[float, bool]:
-    """``got``'s bits against the curve's at ``got``'s SSIM - 1, and whether the curve was extrapolated
-    (linearly in log bpp along its first or last segment: q1 and q5 can leave its SSIM range)."""
-    on_curve = interp_bpp(curve, got["ssim"])
+def rate_change(curve: list[dict[str, float]], got: dict[str, float], key: str = "ssim") -> tuple[float, bool]:
+    """``got``'s bits against the curve's at ``got``'s ``key`` (SSIM or PSNR) - 1, and whether the curve
+    was extrapolated (linearly in log bpp along its first or last segment: q1 and q5 can leave its range)."""
+    on_curve = interp_bpp(curve, got[key], key=key)
     if on_curve is not None:
         return got["bpp"] / on_curve - 1, False
-    pts = sorted(curve, key=lambda p: p["ssim"])
-    a, b = pts[:2] if got["ssim"] < pts[0]["ssim"] else pts[-2:]
-    t = (got["ssim"] - a["ssim"]) / (b["ssim"] - a["ssim"])
+    pts = sorted(curve, key=lambda p: p[key])
+    a, b = pts[:2] if got[key] < pts[0][key] else pts[-2:]
+    t = (got[key] - a[key]) / (b[key] - a[key])
     log_bpp = math.log(a["bpp"]) + t * (math.log(b["bpp"]) - math.log(a["bpp"]))
     return got["bpp"] / math.exp(log_bpp) - 1, True
 
@@ -155,7 +156,9 @@ def main(argv: list[str] | None = None) -> int:
         if extrapolated:
             got["extrapolated"] = True
         # Fidelity: an SSIM objective can buy its score with PSNR (the first add-ons lost 0.55-0.8 dB).
+        # An add-on pays if it needs fewer bits at equal SSIM and at equal PSNR.
         got["psnr_change"] = got["psnr"] - curve[args.quality - 1]["psnr"]
+        got["rate_change_psnr"] = rate_change(curve, got, key="psnr")[0]
         print(json.dumps({"step": step, **got, **extra}), flush=True)
         return got
 
