@@ -49,7 +49,7 @@ _BAD_INDEX = -2
 _BUCKET_BITS = 8  # the symbol search starts from a table of 2**(16 - 8) buckets of cumulative frequency
 
 
-@njit(cache=False, nogil=True)
+@njit(cache=False, nogil=True, inline="always")  # a call passing the words array costs reference counts
 def _get_bits(state: np.uint64, words: Any, pos: int, nbits: int) -> tuple[int, np.uint64, int]:
     value = int(state & np.uint64((1 << nbits) - 1))
     state = state >> np.uint64(nbits)

@@ -572,11 +572,13 @@ class Int8Passes:
                 acc = np.zeros((2 * len(pos), width), np.int32)
             hidden = np.empty((len(pos), width), np.int8)
             _hidden(acc, bias_in, mult_in, hidden)
-            acc = _mm(torch.from_numpy(hidden), out.w).numpy()
+            # The second layer's sums channel-major (its weights times the hidden layer, transposed),
+            # so that _gaussians_q8 reads each channel's contiguously.
+            acc = _mm(out.w_t, torch.from_numpy(hidden).T).numpy()
             if not c_in:  # the same sums for every latent: kept (read-only) for the next one
                 acc.flags.writeable = False
                 self._shared.constant[key] = acc
-        _gaussians_q8(acc, bias_out, mult_out, means, log_scales, lo, pos, mu, indexes)
+        _gaussians_q8(acc, bias_out, mult_out, means, log_scales, lo, pos, where is None, mu, indexes)
 
     def update(self, symbols: Any, mu: Any, means: Any, lo: int, pos: Any, y_hat: Any) -> None:
         _update_q8(symbols, mu, means, lo, pos, self._at, y_hat, self.planes)
@@ -588,11 +590,11 @@ class Int8Passes:
         pos, at = np.zeros(1, np.int64), np.full(1, 4, np.int64)
         rows = np.empty((2, 1, 9), np.int8)
         _window_q8(planes, 1, at, 1, rows)
-        acc, vec = np.zeros((1, 2), np.int32), np.zeros(2, np.int64)
+        acc, vec = np.zeros((2, 1), np.int32), np.zeros(2, np.int64)
         grid, mu, indexes = np.zeros((1, 1)), np.empty((1, 1)), np.empty((1, 1), np.int32)
-        _gaussians_q8(acc, vec, vec, grid, grid, 0, pos, mu, indexes)
+        _gaussians_q8(acc, vec, vec, grid, grid, 0, pos, False, mu, indexes)
         acc.flags.writeable = False  # as the cached sums of a slice with nothing decoded are
-        _gaussians_q8(acc, vec, vec, grid, grid, 0, pos, mu, indexes)
+        _gaussians_q8(acc, vec, vec, grid, grid, 0, pos, False, mu, indexes)
         _update_q8(np.zeros(1, np.int32), mu, grid, 0, pos, at, grid.copy(), planes)
 
 
@@ -613,18 +615,26 @@ def _window_q8(planes: Any, c_in: int, at: Any, w: int, rows: Any) -> None:  # p
 
 @numba.njit(cache=False, nogil=True)
 def _gaussians_q8(
-    acc: Any, bias: Any, mult: Any, means: Any, log_scales: Any, lo: int, pos: Any, mu: Any, indexes: Any
+    acc: Any, bias: Any, mult: Any, means: Any, log_scales: Any, lo: int, pos: Any, every: bool, mu: Any, indexes: Any
 ) -> None:  # pragma: no cover - compiled
-    """``pass_gaussians`` from the context's last int32 sums (``len(pos) x 2C``: mean corrections,
-    then log-scale corrections), rescaled and clamped as ``int8._values`` does."""
+    """``pass_gaussians`` from the context's last int32 sums (``2C x len(pos)``: mean corrections,
+    then log-scale corrections), rescaled and clamped as ``int8._values`` does.  ``every``: ``pos``
+    is every position in order, so the loop reads and writes contiguously (and vectorizes: a third
+    of the time of the gather on the widest slice's pass)."""
     c_out = mu.shape[0]
     for c in range(c_out):
-        for t in range(mu.shape[1]):
-            p = pos[t]
-            d_mean = _value(acc[t, c], bias[c], mult[c], CORRECTION_MAX)
-            d_log = _value(acc[t, c_out + c], bias[c_out + c], mult[c_out + c], CORRECTION_MAX)
-            mu[c, t] = means[lo + c, p] + d_mean
-            indexes[c, t] = _scale_index(log_scales[lo + c, p] + d_log)
+        b_mean, m_mean, b_log, m_log = bias[c], mult[c], bias[c_out + c], mult[c_out + c]
+        d_means, d_logs, hyper_means, hyper_logs = acc[c], acc[c_out + c], means[lo + c], log_scales[lo + c]
+        mu_c, indexes_c = mu[c], indexes[c]
+        if every:
+            for t in range(mu_c.shape[0]):
+                mu_c[t] = hyper_means[t] + _value(d_means[t], b_mean, m_mean, CORRECTION_MAX)
+                indexes_c[t] = _scale_index(hyper_logs[t] + _value(d_logs[t], b_log, m_log, CORRECTION_MAX))
+        else:
+            for t in range(mu_c.shape[0]):
+                p = pos[t]
+                mu_c[t] = hyper_means[p] + _value(d_means[t], b_mean, m_mean, CORRECTION_MAX)
+                indexes_c[t] = _scale_index(hyper_logs[p] + _value(d_logs[t], b_log, m_log, CORRECTION_MAX))
 
 
 @numba.njit(cache=False, nogil=True)
