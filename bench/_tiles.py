@@ -114,3 +114,20 @@ def load_tiles(per_slide: int = 12, per_patch: int = 2) -> list[EvalTile]:
         for x, y, t in _crops(img, per_patch):
             tiles.append(EvalTile("patches", path.name, x, y, t, source_codec(path)))
     return tiles
+
+
+def decode_tiles(n: int = 16) -> np.ndarray:
+    """``n`` tissue tiles for the decode benchmarks, deterministic: half from the slides, the rest from
+    the patches (``N x 256 x 256 x 3`` uint8)."""
+    tiles = load_tiles(per_slide=6, per_patch=1)
+    slides = [t.pixels for t in tiles if t.group == "slides"]
+    patches = [t.pixels for t in tiles if t.group == "patches"]
+    return np.stack((slides[: n // 2] + patches)[:n])
+
+
+def spread_tiles(n: int = 16) -> np.ndarray:
+    """``n`` of ``bench/compress.py``'s tiles spread evenly over its set (``np.linspace``): the tiles
+    that refinement and encoder add-ons were tuned on, and that ``bench/decode_ab.py`` times."""
+    tiles = load_tiles()
+    pick = np.linspace(0, len(tiles) - 1, n).round().astype(int)
+    return np.stack([tiles[i].pixels for i in pick])

@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from _common import best_of, psnr_batch, ssim_batch
-from _tiles import load_tiles
+from _tiles import decode_tiles
 
 from tileserver import codecs
 
@@ -207,12 +207,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from tileserver.codecs.neural import available_qualities, retired_models
 
-    all_tiles = load_tiles(per_slide=6, per_patch=1)
-    # Half from the slides, half from the patches, deterministic.
-    slides = [t.pixels for t in all_tiles if t.group == "slides"]
-    patches = [t.pixels for t in all_tiles if t.group == "patches"]
-    picked = slides[: args.tiles // 2] + patches[: args.tiles - min(len(slides), args.tiles // 2)]
-    tiles = np.stack(picked[: args.tiles])
+    tiles = decode_tiles(args.tiles)
     t0 = time.time()
     result: dict[str, Any] = {
         "machine": {

@@ -34,11 +34,9 @@ torch.set_num_threads(1)
 import tileserver
 assert tileserver.__file__.startswith(root), tileserver.__file__
 from tileserver import codecs
-from _tiles import load_tiles
-tiles = load_tiles()
-pick = np.linspace(0, len(tiles) - 1, 16).round().astype(int)
+from _tiles import spread_tiles
 codec = codecs.get("neural", quality=quality, device="cpu")
-blobs = codec.encode_batch([tiles[i].pixels for i in pick])
+blobs = codec.encode_batch(list(spread_tiles(16)))
 codec.decode_batch(blobs[:8])
 best = float("inf")
 for _ in range(reps):

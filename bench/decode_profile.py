@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from _common import best_of
-from _tiles import load_tiles
+from _tiles import decode_tiles
 
 OUT = Path(__file__).resolve().parent / "results" / "decode_profile.json"
 
@@ -110,10 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tiles", type=int, default=16)
     ap.add_argument("--out", type=Path, default=OUT)
     args = ap.parse_args(argv)
-    all_tiles = load_tiles(per_slide=6, per_patch=1)
-    slides = [t.pixels for t in all_tiles if t.group == "slides"]
-    patches = [t.pixels for t in all_tiles if t.group == "patches"]
-    tiles = np.stack((slides[: args.tiles // 2] + patches)[: args.tiles])  # as bench/decode.py picks them
+    tiles = decode_tiles(args.tiles)  # bench/decode.py's
     t0 = time.time()
     result = {"loadavg": [round(x, 2) for x in os.getloadavg()], **profile(args.quality, tiles, args.reps)}
     result["wall_s"] = round(time.time() - t0, 1)

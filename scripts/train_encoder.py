@@ -42,18 +42,11 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 
-from _tiles import load_tiles  # noqa: E402
+from _tiles import spread_tiles  # noqa: E402
 from compress import interp_bpp, run_codec  # noqa: E402
 
 from tileserver import codecs  # noqa: E402
 from tileserver.train import CropSampler, load_config, load_images, rd_loss  # noqa: E402
-
-
-def tiles16() -> np.ndarray:
-    """The 16 tiles of the refinement tuning: ``np.linspace`` over ``bench/compress.py``'s 58."""
-    tiles = load_tiles()
-    pick = np.linspace(0, len(tiles) - 1, 16).round().astype(int)
-    return np.stack([tiles[i].pixels for i in pick])
 
 
 def code(codec: Any, tiles: np.ndarray) -> dict[str, float]:
@@ -110,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    tiles = tiles16()
+    tiles = spread_tiles(16)  # the refinement tuning's 16
     base = {"encoder": "base", "device": args.device}
     curve = [code(codecs.get("neural", quality=q, **base), tiles) for q in (1, 2, 3, 4, 5)]
     runs: list[dict[str, Any]] = []
