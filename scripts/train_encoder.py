@@ -46,6 +46,7 @@ from _tiles import spread_tiles  # noqa: E402
 from compress import interp_bpp, run_codec  # noqa: E402
 
 from tileserver import codecs  # noqa: E402
+from tileserver.codecs.models.objective import bits_per_pixel  # noqa: E402
 from tileserver.train import CropSampler, load_config, load_images, rd_loss  # noqa: E402
 
 
@@ -68,6 +69,32 @@ def rate_change(curve: list[dict[str, float]], got: dict[str, float], key: str =
     return got["bpp"] / math.exp(log_bpp) - 1, True
 
 
+class RateHold:
+    """Keeps the add-on's training rate at the shipped encoder's: every ``every`` steps the shipped model
+    (its own analysis, never trained here) codes the same batch, and the loss's rate term is weighted by
+    ``weight``, which rises while the add-on's rate is above the shipped one's (the ratio's running mean over
+    about 20 of those batches) and falls while it is below, by ``gain`` times the relative difference per
+    step (within 1/4..4).  Pairing on the same crops keeps the content's variation out of the ratio."""
+
+    def __init__(self, shipped: Any, every: int = 4, gain: float = 0.005) -> None:
+        self.shipped, self.every, self.gain = shipped, every, gain
+        self.weight, self.ratio, self.step = 1.0, 1.0, 0
+        shipped.train()  # noisy latents, as the add-on's rate is measured in training
+
+    def update(self, x: Any, bpp: float) -> None:
+        import torch
+
+        if self.step % self.every == 0:
+            with torch.no_grad():
+                ref = bits_per_pixel(self.shipped(x)["likelihoods"], x).item()
+            self.ratio += 0.05 * (bpp / ref - self.ratio)
+        self.step += 1
+        self.weight = min(4.0, max(0.25, self.weight * math.exp(self.gain * (self.ratio - 1))))
+
+    def state(self) -> dict[str, float]:
+        return {"rate_ratio": round(self.ratio, 5), "rate_weight": round(self.weight, 4)}
+
+
 def main(argv: list[str] | None = None) -> int:
     import torch
 
@@ -85,6 +112,12 @@ def main(argv: list[str] | None = None) -> int:
         "--lambda-mse",
         type=float,
         help="weight of an MSE term in the objective (the config's lambda_mse otherwise): a fidelity guard",
+    )
+    ap.add_argument(
+        "--hold-rate",
+        action="store_true",
+        help="keep the training rate at the shipped encoder's: a controller weights the rate term so the "
+        "add-on spends what it gains on quality and its quality stays where it is on the curve",
     )
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--crop", type=int, default=128)
@@ -158,6 +191,10 @@ def main(argv: list[str] | None = None) -> int:
     evaluate(0, curve=curve)
     images, _ = load_images(cfg, args.data)
     sampler = CropSampler(images, args.crop, 1 + sum(r["steps"] for r in runs))  # resumed: the next crops
+    hold = None
+    if args.hold_rate:
+        own = codecs.get("neural", quality=args.quality, encoder="base", device=args.device)
+        hold = RateHold(own._load().model)  # type: ignore[attr-defined]  # a model of its own
     model.train()
     started, step, losses = time.monotonic(), 0, []
 
@@ -171,7 +208,11 @@ def main(argv: list[str] | None = None) -> int:
         for group in opt.param_groups:
             group["lr"] = group["base"] * scale
         x = torch.from_numpy(sampler.batch(args.batch)).to(args.device).permute(0, 3, 1, 2).float() / 255.0
-        loss, _ = rd_loss(cfg, x, model(x))
+        out = model(x)
+        loss, parts = rd_loss(cfg, x, out)
+        if hold is not None:  # the rate term weighted by the controller's multiplier instead of 1
+            loss = loss + (hold.weight - 1) * bits_per_pixel(out["likelihoods"], x)
+            hold.update(x, parts["bpp"])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_([*new, *shipped], 1.0)
@@ -179,7 +220,8 @@ def main(argv: list[str] | None = None) -> int:
         step += 1
         losses.append(loss.item())
         if step % args.eval_every == 0:
-            evaluate(step, loss=float(np.mean(losses)), s_per_step=(time.monotonic() - started) / step)
+            extra = {"loss": float(np.mean(losses)), "s_per_step": (time.monotonic() - started) / step}
+            evaluate(step, **extra, **(hold.state() if hold is not None else {}))
             losses = []
     minutes = (time.monotonic() - started) / 60
     if args.install:  # evaluate what will be installed: the add-on is stored in float16
@@ -189,6 +231,9 @@ def main(argv: list[str] | None = None) -> int:
     final = evaluate(step, minutes=minutes)
     if step:
         settings = {k: v for k, v in vars(args).items() if k not in ("data", "out", "install", "resume", "quality")}
+        settings["lambda_mse"] = cfg.lambda_mse
+        if hold is not None:
+            settings.update(hold.state())
         runs.append({**settings, "steps": step, "minutes": round(minutes, 1)})
     state = {k: v for k, v in model.state_dict().items() if k.startswith(ENCODER_PREFIXES)}
     payload = {"quality": args.quality, "model": entry["sha256"], "runs": runs, "state": state}

@@ -130,3 +130,40 @@ def test_a_payload_that_does_not_fit_leaves_the_model_as_it_was() -> None:
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
     with pytest.raises(ValueError, match="hyperprior KLT model"):
         deepen(build("klt-ps8", M=8, N=8, widths=[8, 8], step=0.05), 1, 8)
+
+
+def test_rate_hold_moves_the_rate_weight_toward_the_shipped_rate() -> None:
+    """``train_encoder.py --hold-rate``: the rate term's weight rises while the add-on codes the same crops
+    in more bits than the shipped encoder, falls while in fewer, and stays within 1/4..4."""
+    import importlib.util
+
+    script = Path(__file__).resolve().parents[2] / "scripts" / "train_encoder.py"
+    spec = importlib.util.spec_from_file_location("train_encoder", script)
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+
+    class Shipped:  # codes any 8x8 crop in 1 bpp
+        trained = False
+
+        def train(self) -> None:
+            self.trained = True
+
+        def __call__(self, x: torch.Tensor) -> dict:
+            return {"likelihoods": torch.full((64,), 0.5)}
+
+    x = torch.zeros(1, 3, 8, 8)
+    for bpp, rises in ((1.2, True), (0.8, False)):
+        hold = mod.RateHold(Shipped())
+        assert hold.shipped.trained  # noisy latents, as in training
+        for _ in range(200):
+            hold.update(x, bpp)
+        assert (hold.weight > 1) is rises
+        assert hold.ratio == pytest.approx(bpp, rel=0.05)
+        for _ in range(20_000):
+            hold.update(x, bpp)
+        assert hold.weight == (4.0 if rises else 0.25)
+    hold = mod.RateHold(Shipped())
+    for _ in range(400):
+        hold.update(x, 1.0)
+    assert hold.weight == 1.0 and hold.ratio == 1.0
