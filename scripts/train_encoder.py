@@ -23,6 +23,13 @@ as the model's encoder add-on (``codecs.neural.save_encoder``) with its provenan
     .venv/bin/python scripts/train_encoder.py --quality 3 --minutes 28 --out q3.pt --install    # CPU
     python3 scripts/train_encoder.py --quality 3 --minutes 7 --device cuda --batch 32 --out q3.pt  # a GPU
     .venv/bin/python scripts/train_encoder.py --quality 3 --resume q3.pt --minutes 0 --install  # install it
+
+``--hold-rate`` keeps the add-on's training rate at the shipped encoder's on the same crops (``RateHold``),
+so it spends what it gains on quality and its quality stays where it is on the q1-q5 curve; the installed
+q2-q5 add-ons continued the first (unguarded) ones that way, with a weak guard (docs/training.md):
+
+    .venv/bin/python scripts/train_encoder.py --quality 3 --resume installed --lambda-mse 0.006 --hold-rate \
+        --minutes 46 --threads 1 --eval-every 1000 --out q3.pt
 """
 
 from __future__ import annotations
