@@ -215,10 +215,8 @@ def main(argv: list[str] | None = None) -> int:
         for group in opt.param_groups:
             group["lr"] = group["base"] * scale
         x = torch.from_numpy(sampler.batch(args.batch)).to(args.device).permute(0, 3, 1, 2).float() / 255.0
-        out = model(x)
-        loss, parts = rd_loss(cfg, x, out)
-        if hold is not None:  # the rate term weighted by the controller's multiplier instead of 1
-            loss = loss + (hold.weight - 1) * bits_per_pixel(out["likelihoods"], x)
+        loss, parts = rd_loss(cfg, x, model(x), rate_weight=hold.weight if hold is not None else 1.0)
+        if hold is not None:
             hold.update(x, parts["bpp"])
         opt.zero_grad(set_to_none=True)
         loss.backward()

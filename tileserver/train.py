@@ -305,8 +305,9 @@ def evaluate(model: Any, tiles: list[npt.NDArray[np.uint8]]) -> dict[str, float]
     return {"bpp": float(np.mean(bpps)), "psnr": float(np.mean(psnrs)), "ssim": float(np.mean(ssims))}
 
 
-def rd_loss(cfg: TrainConfig, x: Any, out: dict[str, Any]) -> tuple[Any, dict[str, float]]:
-    """Rate–distortion loss of one training batch and its parts (bpp, mse, ssim) for the log."""
+def rd_loss(cfg: TrainConfig, x: Any, out: dict[str, Any], rate_weight: float = 1.0) -> tuple[Any, dict[str, float]]:
+    """Rate–distortion loss of one training batch and its parts (bpp, mse, ssim) for the log; the rate
+    term weighted by ``rate_weight`` (``scripts/train_encoder.py --hold-rate`` moves it)."""
     from .codecs.models.objective import bits_per_pixel, rd_objective
 
     bpp = bits_per_pixel(out["likelihoods"], x)
@@ -315,6 +316,8 @@ def rd_loss(cfg: TrainConfig, x: Any, out: dict[str, Any]) -> tuple[Any, dict[st
     loss, mse, s = rd_objective(
         x, out["x_hat"], bpp, lmbda=cfg.lmbda, distortion=cfg.distortion, lambda_mse=cfg.lambda_mse
     )
+    if rate_weight != 1.0:
+        loss = loss + (rate_weight - 1.0) * bpp
     parts = {"bpp": bpp.item(), "mse": mse.item()}
     if s is not None:
         parts["ssim"] = s.item()
