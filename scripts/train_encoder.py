@@ -83,9 +83,9 @@ class RateHold:
     about 20 of those batches) and falls while it is below, by ``gain`` times the relative difference per
     step (within 1/4..4).  Pairing on the same crops keeps the content's variation out of the ratio."""
 
-    def __init__(self, shipped: Any, every: int = 4, gain: float = 0.005) -> None:
+    def __init__(self, shipped: Any, every: int = 4, gain: float = 0.005, weight: float = 1.0) -> None:
         self.shipped, self.every, self.gain = shipped, every, gain
-        self.weight, self.ratio, self.step = 1.0, 1.0, 0
+        self.weight, self.ratio, self.step = min(4.0, max(0.25, weight)), 1.0, 0
         shipped.train()  # noisy latents, as the add-on's rate is measured in training
 
     def update(self, x: Any, bpp: float) -> None:
@@ -201,7 +201,10 @@ def main(argv: list[str] | None = None) -> int:
     hold = None
     if args.hold_rate:
         own = codecs.get("neural", quality=args.quality, encoder="base", device=args.device)
-        hold = RateHold(own._load().model)  # type: ignore[attr-defined]  # a model of its own
+        # A resumed rate-held run starts from the multiplier its last run ended at: from 1, the add-on
+        # would spend its first few hundred steps above the shipped rate while the multiplier climbs back.
+        weight = float(runs[-1].get("rate_weight", 1.0)) if runs else 1.0
+        hold = RateHold(own._load().model, weight=weight)  # type: ignore[attr-defined]  # a model of its own
     model.train()
     started, step, losses = time.monotonic(), 0, []
 

@@ -167,3 +167,9 @@ def test_rate_hold_moves_the_rate_weight_toward_the_shipped_rate() -> None:
     for _ in range(400):
         hold.update(x, 1.0)
     assert hold.weight == 1.0 and hold.ratio == 1.0
+    # A resumed run starts where its last run's multiplier ended (within the bounds), and holds it at par.
+    hold = mod.RateHold(Shipped(), weight=1.4)
+    for _ in range(400):
+        hold.update(x, 1.0)
+    assert hold.weight == 1.4
+    assert mod.RateHold(Shipped(), weight=9.0).weight == 4.0
