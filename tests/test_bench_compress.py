@@ -1,0 +1,78 @@
+"""``bench/compress.py``'s measuring helpers: how a set of tiles' PSNR is averaged, where bpp is read
+off a curve, and which tiles the held-out subsets take (the benchmark itself runs outside the tests)."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import numpy as np
+import pytest
+from PIL import Image
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+
+
+def _module(name: str) -> ModuleType:
+    sys.path.insert(0, str(BENCH))
+    try:
+        spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
+        assert spec is not None and spec.loader is not None
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = mod  # dataclasses look their module up there
+        spec.loader.exec_module(mod)
+        return mod
+    finally:
+        sys.path.remove(str(BENCH))
+
+
+def test_psnr_of_a_set_comes_from_its_mean_squared_error() -> None:
+    """A tile recoded almost exactly (JPEG meeting its own quantisation: 148 dB, the cap) must not lift
+    the set's PSNR by tens of decibels, as a mean of per-tile PSNRs does."""
+    compress = _module("compress")
+    assert compress.psnr_of_mean_mse(np.array([30.0, 30.0])) == pytest.approx(30.0)
+    # MSEs 65.0 and ~0: the mean MSE halves, +3.01 dB, where the mean of the PSNRs says 89 dB.
+    assert compress.psnr_of_mean_mse(np.array([30.0, 148.0])) == pytest.approx(30.0 + 10 * np.log10(2), abs=1e-6)
+    assert compress.psnr_of_mean_mse(np.array([20.0, 40.0])) == pytest.approx(22.967, abs=1e-3)
+
+
+def test_ssim_is_pytorch_msssims() -> None:
+    """The benchmarks' numpy SSIM computes design §8's definition (pytorch_msssim, float64)."""
+    import torch
+    from pytorch_msssim import ssim
+
+    common = _module("_common")
+    rng = np.random.default_rng(1)
+    a = rng.integers(0, 256, (3, 64, 48, 3), dtype=np.uint8)
+    b = np.clip(a.astype(int) + rng.integers(-30, 31, a.shape), 0, 255).astype(np.uint8)
+    b[2] = a[2]
+    x, y = (torch.from_numpy(t).permute(0, 3, 1, 2).double() for t in (a, b))
+    want = ssim(x, y, data_range=255, size_average=False).numpy()
+    got = common.ssim_batch(a, b)
+    assert got == pytest.approx(want, abs=1e-12)
+    assert got[2] == pytest.approx(1.0) and got[0] < 0.99
+
+
+def test_bpp_at_a_quality_is_read_between_neighbouring_points() -> None:
+    compress = _module("compress")
+    curve = [{"bpp": 1.0, "ssim": 0.94}, {"bpp": 4.0, "ssim": 0.96}, {"bpp": 0.5, "ssim": 0.90}]
+    assert compress.interp_bpp(curve, 0.95) == pytest.approx(2.0)  # log-bpp linear: the geometric mean
+    assert compress.interp_bpp(curve, 0.99) is None  # never extrapolated
+
+
+def test_load_tiles_can_take_only_named_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``held_out_all`` takes every tissue tile of the held-out files; the main set at most ``per_patch``."""
+    tiles_mod = _module("_tiles")
+    patches = tmp_path / "patches" / "tissue"
+    patches.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for name in ("a.png", "b.png"):  # H&E-like pink, textured: tissue by any measure
+        img = np.clip(rng.normal((200, 120, 170), 25, (512, 512, 3)), 0, 255).astype(np.uint8)
+        Image.fromarray(img).save(patches / name)
+    monkeypatch.setattr(tiles_mod, "DATA", tmp_path)
+    assert len(tiles_mod.load_tiles(per_patch=2)) == 4
+    every = tiles_mod.load_tiles(per_patch=10**6, only={"a.png"})
+    assert [(t.source, t.x, t.y) for t in every] == [("a.png", x, y) for y in (0, 256) for x in (0, 256)]
+    assert tiles_mod.load_tiles(only=set()) == []
