@@ -91,15 +91,15 @@ def _crops(img: np.ndarray, limit: int) -> list[tuple[int, int, np.ndarray]]:
     return out
 
 
-def load_tiles(per_slide: int = 12, per_patch: int = 2) -> list[EvalTile]:
-    """Deterministic set of tissue tiles from the shared data."""
+def load_tiles(per_slide: int = 12, per_patch: int = 2, only: set[str] | None = None) -> list[EvalTile]:
+    """Deterministic set of tissue tiles from the shared data (``only``: just the files of these names)."""
     from tileserver.slides import resolve_slide_file
     from tileserver.slides.openslide_reader import OpenSlideReader
 
     tiles: list[EvalTile] = []
     for rel in ("slides/CMU-1-Small-Region.svs", "slides/camelyon-dicom"):
         path = DATA / rel
-        if not path.exists():
+        if not path.exists() or (only is not None and path.name not in only):
             continue
         with OpenSlideReader(resolve_slide_file(path)) as slide:
             w, h = slide.dimensions
@@ -108,6 +108,8 @@ def load_tiles(per_slide: int = 12, per_patch: int = 2) -> list[EvalTile]:
         for x, y, t in _crops(img, per_slide):
             tiles.append(EvalTile("slides", path.name, x, y, t, codec))
     for path in sorted((DATA / "patches" / "tissue").iterdir()):
+        if only is not None and path.name not in only:
+            continue
         img = np.asarray(Image.open(path).convert("RGB"))
         if min(img.shape[:2]) < TILE:
             continue
