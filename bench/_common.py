@@ -54,41 +54,18 @@ def neural_model_info(quality: int | None) -> dict[str, Any] | None:
     return dict(info) if info else None
 
 
-def _blur(x: np.ndarray, w: np.ndarray) -> np.ndarray:
-    """Valid correlation of ``x``'s last two axes with the 1-D window ``w`` (separable Gaussian)."""
-    n = len(w)
-    h = x.shape[-2] - n + 1
-    rows = w[0] * x[..., :h, :]
-    for k in range(1, n):
-        rows += w[k] * x[..., k : k + h, :]
-    cols = w[0] * rows[..., : x.shape[-1] - n + 1]
-    for k in range(1, n):
-        cols += w[k] * rows[..., k : k + x.shape[-1] - n + 1]
-    return cols
-
-
 def ssim_batch(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Per-tile SSIM of ``N x H x W x 3`` uint8 stacks, as design §8 defines it: pytorch_msssim's
-    ``ssim(..., data_range=255, size_average=False)`` in float64 (its 11-tap, sigma 1.5 window, valid
-    filtering, K = 0.01, 0.03, mean over positions then channels), computed here in numpy: the same
-    arithmetic to about 1e-14, twelve times faster than its grouped float64 convolutions on one thread,
-    which took most of ``bench/compress.py``'s time."""
+    ``ssim(..., data_range=255, size_average=False)`` in float64 (its window, built as it builds it),
+    computed by ``tileserver.convert.ssim`` in numpy: the same arithmetic to about 1e-14, twelve times
+    faster than pytorch_msssim's grouped float64 convolutions on one thread, which took most of
+    ``bench/compress.py``'s time."""
     from pytorch_msssim.ssim import _fspecial_gauss_1d
 
-    w = _fspecial_gauss_1d(11, 1.5).double().numpy().ravel()  # its window, built as it builds it
-    c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
-    out = np.empty(len(a))
-    for i in range(len(a)):
-        x = a[i].transpose(2, 0, 1).astype(np.float64)
-        y = b[i].transpose(2, 0, 1).astype(np.float64)
-        mu1, mu2 = _blur(x, w), _blur(y, w)
-        s11 = _blur(x * x, w) - mu1 * mu1
-        s22 = _blur(y * y, w) - mu2 * mu2
-        s12 = _blur(x * y, w) - mu1 * mu2
-        cs = (2 * s12 + c2) / (s11 + s22 + c2)
-        ssim_map = ((2 * mu1 * mu2 + c1) / (mu1 * mu1 + mu2 * mu2 + c1)) * cs
-        out[i] = ssim_map.reshape(3, -1).mean(-1).mean()
-    return out
+    from tileserver.convert import ssim
+
+    window = _fspecial_gauss_1d(11, 1.5).double().numpy().ravel()
+    return np.array([ssim(x, y, window=window) for x, y in zip(a, b, strict=True)], dtype=np.float64)
 
 
 def psnr_batch(a: np.ndarray, b: np.ndarray) -> np.ndarray:

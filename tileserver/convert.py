@@ -83,33 +83,36 @@ def _gaussian_window(size: int = 11, sigma: float = 1.5) -> npt.NDArray[np.float
 _WINDOW = _gaussian_window()
 
 
-def _gaussian_valid(x: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+def _gaussian_valid(x: npt.NDArray[Any], window: npt.NDArray[Any]) -> npt.NDArray[Any]:
     """Separable 'valid' Gaussian filtering of the last two axes, as pytorch_msssim's gaussian_filter."""
-    k = _WINDOW.size
+    k = window.size
     n = x.shape[-2] - k + 1
-    y = _WINDOW[0] * x[..., 0:n, :]
+    y = window[0] * x[..., 0:n, :]
     for i in range(1, k):  # shifted slices: far faster than sliding_window_view @ window
-        y += _WINDOW[i] * x[..., i : i + n, :]
+        y += window[i] * x[..., i : i + n, :]
     m = x.shape[-1] - k + 1
-    z: npt.NDArray[np.float32] = _WINDOW[0] * y[..., 0:m]
+    z: npt.NDArray[Any] = window[0] * y[..., 0:m]
     for i in range(1, k):
-        z += _WINDOW[i] * y[..., i : i + m]
+        z += window[i] * y[..., i : i + m]
     return z
 
 
-def ssim(a: Pixels, b: Pixels, data_range: float = 255.0) -> float | None:
+def ssim(a: Pixels, b: Pixels, data_range: float = 255.0, window: npt.NDArray[Any] | None = None) -> float | None:
     """SSIM as ``pytorch_msssim.ssim(x, y, data_range=255)`` (11-px Gaussian, sigma 1.5, channel mean).
 
+    Computed in the ``window``'s precision: float32 by default, for conversion reports;
+    ``bench/_common.ssim_batch`` passes pytorch_msssim's own window in float64, as design §8 measures.
     Returns None for images smaller than the window.
     """
+    window = _WINDOW if window is None else window
     if a.shape != b.shape:
         raise ValueError(f"shapes differ: {a.shape} vs {b.shape}")
-    if a.shape[0] < _WINDOW.size or a.shape[1] < _WINDOW.size:
+    if a.shape[0] < window.size or a.shape[1] < window.size:
         return None
-    x = a.astype(np.float32).transpose(2, 0, 1)
-    y = b.astype(np.float32).transpose(2, 0, 1)
+    x = a.astype(window.dtype).transpose(2, 0, 1)
+    y = b.astype(window.dtype).transpose(2, 0, 1)
     c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
-    mu1, mu2, xx, yy, xy = _gaussian_valid(np.stack([x, y, x * x, y * y, x * y]))
+    mu1, mu2, xx, yy, xy = _gaussian_valid(np.stack([x, y, x * x, y * y, x * y]), window)
     mu1_sq, mu2_sq, mu12 = mu1 * mu1, mu2 * mu2, mu1 * mu2
     cs = (2 * (xy - mu12) + c2) / ((xx - mu1_sq) + (yy - mu2_sq) + c2)
     ssim_map = ((2 * mu12 + c1) / (mu1_sq + mu2_sq + c1)) * cs
