@@ -57,7 +57,7 @@ def neural_model_info(quality: int | None) -> dict[str, Any] | None:
 def ssim_batch(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Per-tile SSIM of ``N x H x W x 3`` uint8 stacks, as design §8 defines it: pytorch_msssim's
     ``ssim(..., data_range=255, size_average=False)`` in float64 (its window, built as it builds it),
-    computed by ``tileserver.convert.ssim`` in numpy: the same arithmetic to about 1e-14, twelve times
+    computed by ``tileserver.convert.ssim`` in numpy: the same arithmetic to about 1e-14, six times
     faster than pytorch_msssim's grouped float64 convolutions on one thread, which took most of
     ``bench/compress.py``'s time."""
     from pytorch_msssim.ssim import _fspecial_gauss_1d
