@@ -34,6 +34,8 @@ class EvalTile:
     y: int
     pixels: np.ndarray
     source_codec: str = "unknown"
+    rel: str = ""  # the file's path under the shared data directory, as the training configs name it
+    height: int = 0  # the source image's height: held-out rows are counted from its bottom
 
 
 _DICOM_SYNTAX = {
@@ -91,13 +93,24 @@ def _crops(img: np.ndarray, limit: int) -> list[tuple[int, int, np.ndarray]]:
     return out
 
 
+#: the shared slides the benchmarks read, under the data directory
+SLIDES = ("slides/CMU-1-Small-Region.svs", "slides/camelyon-dicom")
+
+
+def data_files() -> list[str]:
+    """The files :func:`load_tiles` reads, as paths under the data directory."""
+    tissue = DATA / "patches" / "tissue"
+    patches = [f"patches/tissue/{p.name}" for p in sorted(tissue.iterdir())] if tissue.is_dir() else []
+    return [rel for rel in SLIDES if (DATA / rel).exists()] + patches
+
+
 def load_tiles(per_slide: int = 12, per_patch: int = 2, only: set[str] | None = None) -> list[EvalTile]:
     """Deterministic set of tissue tiles from the shared data (``only``: just the files of these names)."""
     from tileserver.slides import resolve_slide_file
     from tileserver.slides.openslide_reader import OpenSlideReader
 
     tiles: list[EvalTile] = []
-    for rel in ("slides/CMU-1-Small-Region.svs", "slides/camelyon-dicom"):
+    for rel in SLIDES:
         path = DATA / rel
         if not path.exists() or (only is not None and path.name not in only):
             continue
@@ -106,15 +119,16 @@ def load_tiles(per_slide: int = 12, per_patch: int = 2, only: set[str] | None = 
             img = np.asarray(slide.read_region((0, 0), 0, (w, h)).convert("RGB"))
             codec = source_codec(resolve_slide_file(path), dict(slide.properties))
         for x, y, t in _crops(img, per_slide):
-            tiles.append(EvalTile("slides", path.name, x, y, t, codec))
+            tiles.append(EvalTile("slides", path.name, x, y, t, codec, rel, img.shape[0]))
     for path in sorted((DATA / "patches" / "tissue").iterdir()):
         if only is not None and path.name not in only:
             continue
         img = np.asarray(Image.open(path).convert("RGB"))
         if min(img.shape[:2]) < TILE:
             continue
+        rel = f"patches/tissue/{path.name}"
         for x, y, t in _crops(img, per_patch):
-            tiles.append(EvalTile("patches", path.name, x, y, t, source_codec(path)))
+            tiles.append(EvalTile("patches", path.name, x, y, t, source_codec(path), rel, img.shape[0]))
     return tiles
 
 

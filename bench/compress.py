@@ -20,18 +20,22 @@ tiles decode in batches of 8, as the server decodes them).  Results are
 reported for all tiles, per group (``slides`` / ``patches``), per codec that coded
 the source before us (``jpeg_sourced`` / ``jpeg2000_sourced`` / ``unknown_sourced``,
 see ``_tiles.source_codec``) and, for neural models, split into the files the
-model trained on and the files it held out.  The main set takes at most 2 tiles per patch
-file; ``held_out_all`` adds every other tissue tile of the held-out files (coded in the same run,
-in no other subset), since 6 tiles are few to judge generalisation by.
+model trained on and what it held out (``HeldOut``: files no training config reads, such as the
+Camelyon slide, the configs' evaluation files and the CMU slide's bottom rows).  The main set takes
+at most 12 tiles per slide and 2 per patch file; ``held_out_all`` adds every other held-out tissue
+tile (coded in the same run, in no other subset), since a handful of tiles is few to judge
+generalisation by.
 """
 
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import json
 import platform
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +43,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import psnr_batch, ssim_batch
-from _tiles import EvalTile, load_tiles
+from _tiles import EvalTile, data_files, load_tiles
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -98,19 +102,49 @@ def neural_qualities() -> list[int]:
     return qs
 
 
-def held_out_sources() -> set[str]:
-    """File names the neural models never trained on (from their configs), if listed."""
-    cfg_dir = Path(__file__).resolve().parents[1] / "tileserver" / "codecs" / "configs"
-    names: set[str] = set()
-    for cfg in sorted(cfg_dir.glob("*.toml")) if cfg_dir.is_dir() else []:
-        import tomllib
+@dataclass(frozen=True)
+class HeldOut:
+    """What the neural models never trained on, from their configs' ``[data]`` sections: the files
+    that no ``sources`` glob reads (the Camelyon slide), the ``eval`` files, and the bottom
+    ``exclude_rows`` rows of a file (the CMU slide's last 512).  A tile is held out when none of its
+    pixels was trained on; one that straddles the CMU slide's cut counts as trained on."""
 
-        data = tomllib.loads(cfg.read_text())
-        for key in ("eval_files", "holdout", "held_out", "eval"):
-            val = data.get("data", {}).get(key, data.get(key))
-            if isinstance(val, list):
-                names.update(Path(str(v)).name for v in val)
-    return names
+    sources: frozenset[str] = frozenset()  # globs under the data directory, read by some config
+    files: frozenset[str] = frozenset()  # evaluation files of every config
+    rows: tuple[tuple[str, int], ...] = ()  # (file, rows at its bottom that no config trained on)
+
+    def __call__(self, t: EvalTile) -> bool:
+        if not self.sources:  # no configs: nothing is known to be held out
+            return False
+        if t.rel in self.files or not any(fnmatch.fnmatch(t.rel, g) for g in self.sources):
+            return True
+        return any(t.rel == f and t.y >= t.height - n for f, n in self.rows)
+
+    def files_with_held_out_tiles(self) -> list[str]:
+        return [
+            rel
+            for rel in data_files()
+            if self.sources
+            and (rel in self.files or rel in dict(self.rows) or not any(fnmatch.fnmatch(rel, g) for g in self.sources))
+        ]
+
+
+def held_out() -> HeldOut:
+    """From the neural models' configs (all of them read the same data today): a file is trained on if
+    any config reads it, an evaluation file is held out if every config holds it out, and the rows
+    held out at a file's bottom are the fewest any config holds out."""
+    import tomllib
+
+    cfg_dir = Path(__file__).resolve().parents[1] / "tileserver" / "codecs" / "configs"
+    configs = [tomllib.loads(c.read_text()).get("data", {}) for c in sorted(cfg_dir.glob("*.toml"))]
+    if not configs:
+        return HeldOut()
+    sources = {str(g) for data in configs for g in data.get("sources", [])}
+    files = set.intersection(*({str(f) for f in data.get("eval", [])} for data in configs))
+    rows: dict[str, int] = {}
+    for f in {str(f) for data in configs for f in data.get("exclude_rows", {})}:
+        rows[f] = min(int(data.get("exclude_rows", {}).get(f, 0)) for data in configs)
+    return HeldOut(frozenset(sources), frozenset(files), tuple(sorted((f, n) for f, n in rows.items() if n > 0)))
 
 
 def run_codec(label: str, codec: Any, tiles: np.ndarray) -> dict[str, Any]:
@@ -268,18 +302,21 @@ def main(argv: list[str] | None = None) -> int:
 
     t_start = time.time()
     tiles: list[EvalTile] = load_tiles(args.per_slide, args.per_patch)
-    held = held_out_sources()
+    held = held_out()
     main_count = len(tiles)
-    if held and not args.no_held_out_all:  # every other tissue tile of the held-out files
+    files = held.files_with_held_out_tiles()
+    if files and not args.no_held_out_all:  # every other held-out tissue tile of those files
         have = {(t.source, t.x, t.y) for t in tiles}
-        tiles += [t for t in load_tiles(10**6, 10**6, only=held) if (t.source, t.x, t.y) not in have]
+        more = load_tiles(10**6, 10**6, only={Path(f).name for f in files})
+        tiles += [t for t in more if held(t) and (t.source, t.x, t.y) not in have]
     extra = np.arange(len(tiles)) >= main_count
     pixels = np.stack([t.pixels for t in tiles])
     groups = np.array([t.group for t in tiles])
-    held_mask = np.array([t.source in held for t in tiles])
+    held_mask = np.array([held(t) for t in tiles])
     print(
         f"{main_count} tiles ({int((groups[~extra] == 'slides').sum())} slide, "
-        f"{int((groups[~extra] == 'patches').sum())} patch), and {int(extra.sum())} more of the held-out files"
+        f"{int((groups[~extra] == 'patches').sum())} patch; {int(held_mask[~extra].sum())} held out), "
+        f"and {int(extra.sum())} more held-out tiles"
     )
 
     raw: dict[str, list[dict[str, Any]]] = {}
@@ -336,7 +373,11 @@ def main(argv: list[str] | None = None) -> int:
         "source_codecs": {t.source: t.source_codec for t in tiles},
         "refine_steps": args.refine,
         "encoder_add_ons": {str(q): sha for q, sha in encoders.items()},
-        "held_out_sources": sorted(held),
+        "held_out": {
+            "eval_files": sorted(held.files),
+            "files_not_trained_on": [f for f in files if f not in held.files and f not in dict(held.rows)],
+            "bottom_rows": dict(held.rows),
+        },
         "subsets": {},
         "wall_s": None,
     }
