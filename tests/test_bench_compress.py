@@ -76,3 +76,34 @@ def test_load_tiles_can_take_only_named_files(tmp_path: Path, monkeypatch: pytes
     every = tiles_mod.load_tiles(per_patch=10**6, only={"a.png"})
     assert [(t.source, t.x, t.y) for t in every] == [("a.png", x, y) for y in (0, 256) for x in (0, 256)]
     assert tiles_mod.load_tiles(only=set()) == []
+
+
+def test_held_out_is_what_no_training_config_read() -> None:
+    """A tile is held out if its file is an evaluation file, if no config's ``sources`` reads its file
+    (the Camelyon slide), or if it lies wholly in the rows a config cut off a file's bottom."""
+    compress = _module("compress")
+    tiles = _module("_tiles")
+    held = compress.HeldOut(
+        sources=frozenset({"patches/tissue/*", "slides/a.svs"}),
+        files=frozenset({"patches/tissue/eval.png"}),
+        rows=(("slides/a.svs", 512),),
+    )
+
+    def tile(rel: str, y: int = 0, height: int = 2000) -> object:
+        return tiles.EvalTile("x", Path(rel).name, 0, y, np.zeros((1, 1, 3), np.uint8), "unknown", rel, height)
+
+    assert held(tile("patches/tissue/eval.png"))
+    assert not held(tile("patches/tissue/train.png"))
+    assert held(tile("slides/never-read"))
+    assert not held(tile("slides/a.svs", y=1000))
+    assert not held(tile("slides/a.svs", y=1487))  # its top row was trained on
+    assert held(tile("slides/a.svs", y=1488))
+    assert not compress.HeldOut()(tile("slides/never-read"))  # no configs: nothing known
+
+
+def test_held_out_follows_the_shipped_configs() -> None:
+    """Every shipped config reads the same data; what they leave out is the held-out set."""
+    held = _module("compress").held_out()
+    assert "slides/CMU-1-Small-Region.svs" in {g for g in held.sources}
+    assert dict(held.rows) == {"slides/CMU-1-Small-Region.svs": 512}
+    assert "patches/tissue/TissueImageAnalytics+tiatoolbox__target_image.png" in held.files
