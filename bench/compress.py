@@ -116,17 +116,16 @@ class HeldOut:
     def __call__(self, t: EvalTile) -> bool:
         if not self.sources:  # no configs: nothing is known to be held out
             return False
-        if t.rel in self.files or not any(fnmatch.fnmatch(t.rel, g) for g in self.sources):
+        if t.rel in self.files or self.unread(t.rel):
             return True
         return any(t.rel == f and t.y >= t.height - n for f, n in self.rows)
 
+    def unread(self, rel: str) -> bool:
+        """Whether no config's ``sources`` reads the file ``rel`` (False when there are no configs)."""
+        return bool(self.sources) and not any(fnmatch.fnmatch(rel, g) for g in self.sources)
+
     def files_with_held_out_tiles(self) -> list[str]:
-        return [
-            rel
-            for rel in data_files()
-            if self.sources
-            and (rel in self.files or rel in dict(self.rows) or not any(fnmatch.fnmatch(rel, g) for g in self.sources))
-        ]
+        return [rel for rel in data_files() if rel in self.files or rel in dict(self.rows) or self.unread(rel)]
 
 
 def held_out() -> HeldOut:
@@ -375,7 +374,7 @@ def main(argv: list[str] | None = None) -> int:
         "encoder_add_ons": {str(q): sha for q, sha in encoders.items()},
         "held_out": {
             "eval_files": sorted(held.files),
-            "files_not_trained_on": [f for f in files if f not in held.files and f not in dict(held.rows)],
+            "files_not_trained_on": [f for f in files if held.unread(f)],
             "bottom_rows": dict(held.rows),
         },
         "subsets": {},

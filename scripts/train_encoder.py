@@ -85,7 +85,7 @@ class RateHold:
 
     def __init__(self, shipped: Any, every: int = 4, gain: float = 0.005, weight: float = 1.0) -> None:
         self.shipped, self.every, self.gain = shipped, every, gain
-        self.weight, self.ratio, self.step = min(4.0, max(0.25, weight)), 1.0, 0
+        self.weight, self.ratio, self.step = self._bounded(weight), 1.0, 0
         shipped.train()  # noisy latents, as the add-on's rate is measured in training
 
     def update(self, x: Any, bpp: float) -> None:
@@ -96,7 +96,11 @@ class RateHold:
                 ref = bits_per_pixel(self.shipped(x)["likelihoods"], x).item()
             self.ratio += 0.05 * (bpp / ref - self.ratio)
         self.step += 1
-        self.weight = min(4.0, max(0.25, self.weight * math.exp(self.gain * (self.ratio - 1))))
+        self.weight = self._bounded(self.weight * math.exp(self.gain * (self.ratio - 1)))
+
+    @staticmethod
+    def _bounded(weight: float) -> float:
+        return min(4.0, max(0.25, weight))
 
     def state(self) -> dict[str, float]:
         return {"rate_ratio": round(self.ratio, 5), "rate_weight": round(self.weight, 4)}
