@@ -51,6 +51,11 @@ CLASSIC: list[tuple[str, dict[str, Any]]] = [
     ("avif", {"quality": 60, "speed": 6}),
 ]
 BATCHES = (1, 4, 8, 16)
+#: JPEG 2000 qualities timed for decode time against SSIM (q30: SSIM about 0.88 on these tiles, q44: about 0.99)
+J2K_SWEEP = (30, 32, 34, 35, 36, 37, 38, 40, 42, 44)
+#: JPEG 2000 qualities decoded in each back-to-back round: q34 is issue 5's yardstick (SSIM about 0.94
+#: here); q35-q37 bracket the default neural quality's SSIM (about 0.956) for the equal-quality ratio
+PARITY_J2K = (34, 35, 36, 37)
 
 
 def bench_classic(tiles: np.ndarray, reps: int) -> dict[str, Any]:
@@ -129,40 +134,90 @@ def bench_neural(q: int, tiles: np.ndarray, reps: int, model_sha: str | None = N
     return res
 
 
+def bench_jpeg2000_sweep(tiles: np.ndarray, reps: int) -> list[dict[str, Any]]:
+    """JPEG 2000 (``numthreads=1``) at the qualities of ``J2K_SWEEP``: bpp, SSIM and median decode ms per
+    tile, so that its decode time can be read off at another codec's SSIM (:func:`at_ssim`)."""
+    out = []
+    for q in J2K_SWEEP:
+        codec = codecs.get("jpeg2000", quality=q)
+        blobs = [codec.encode(t) for t in tiles]
+        decoded = np.stack([codec.decode(b) for b in blobs])
+        per_tile = [best_of(functools.partial(codec.decode, b), reps) * 1000 for b in blobs]
+        bits = [len(b) * 8 / (t.shape[0] * t.shape[1]) for b, t in zip(blobs, tiles, strict=True)]
+        out.append(
+            {
+                "quality": q,
+                "bpp": float(np.mean(bits)),
+                "ssim": float(ssim_batch(tiles, decoded).mean()),
+                "decode_ms": float(np.median(per_tile)),
+            }
+        )
+    return out
+
+
+def at_ssim(points: list[tuple[float, float]], ssim: float) -> float | None:
+    """A value read off ``(ssim, value)`` points at ``ssim``, linearly between its neighbours; ``None``
+    outside the points' span (no extrapolation)."""
+    pts = sorted(points)
+    if not pts or not pts[0][0] <= ssim <= pts[-1][0]:
+        return None
+    return float(np.interp(ssim, [p[0] for p in pts], [p[1] for p in pts]))
+
+
 def bench_parity(tiles: np.ndarray, rounds: int, quality: int = 3) -> dict[str, Any]:
-    """Issue 5's ratio measured back to back: each round decodes the tiles with JPEG 2000 q34 (one
-    thread) and then with the default neural quality (``decode_batch`` of 8, one thread), so both
-    see the same machine; returns each round's ms per tile and the median of the per-round ratios."""
+    """Issue 5's ratio measured back to back: each round decodes the tiles with JPEG 2000 (one thread)
+    at each quality of ``PARITY_J2K`` and then with the default neural quality (``decode_batch`` of 8,
+    one thread), so all see the same machine.  Returns each round's ms per tile, and the median and
+    best of the per-round ratios against q34 (issue 5's own yardstick, SSIM about 0.94 on these tiles)
+    and against JPEG 2000 at the neural tiles' SSIM (each round's times read off between the
+    qualities that bracket it: equal quality, where JPEG 2000 decodes more bits)."""
     import torch
 
-    j2k = codecs.get("jpeg2000", quality=34)
+    j2k = {q: codecs.get("jpeg2000", quality=q) for q in PARITY_J2K}
     neural = codecs.get("neural", quality=quality, device="cpu")
-    j2k_blobs = [j2k.encode(t) for t in tiles]
+    j2k_blobs = {q: [c.encode(t) for t in tiles] for q, c in j2k.items()}
+    j2k_ssim = {
+        q: float(ssim_batch(tiles, np.stack([j2k[q].decode(b) for b in blobs])).mean())
+        for q, blobs in j2k_blobs.items()
+    }
     neural_blobs = neural.encode_batch(list(tiles))  # type: ignore[attr-defined]
+    neural_ssim = float(ssim_batch(tiles, np.stack(neural.decode_batch(neural_blobs))).mean())  # type: ignore[arg-type]
     n8 = 8 * (len(tiles) // 8)
     if not n8:
         raise ValueError("the parity measure needs at least 8 tiles")
     torch.set_num_threads(1)
     neural.decode_batch(neural_blobs[:8])  # warm
-    j2k_ms, neural_ms = [], []
+    j2k_ms: dict[int, list[float]] = {q: [] for q in PARITY_J2K}
+    neural_ms = []
     for _ in range(rounds):
-        t0 = time.perf_counter()
-        for b in j2k_blobs[:n8]:
-            j2k.decode(b)
-        j2k_ms.append((time.perf_counter() - t0) / n8 * 1000)
+        for q, c in j2k.items():
+            t0 = time.perf_counter()
+            for b in j2k_blobs[q][:n8]:
+                c.decode(b)
+            j2k_ms[q].append((time.perf_counter() - t0) / n8 * 1000)
         t0 = time.perf_counter()
         for i in range(0, n8, 8):
             neural.decode_batch(neural_blobs[i : i + 8])
         neural_ms.append((time.perf_counter() - t0) / n8 * 1000)
-    ratios = [n / j for n, j in zip(neural_ms, j2k_ms, strict=True)]
-    return {
+    ratios = [n / j for n, j in zip(neural_ms, j2k_ms[34], strict=True)]
+    equal = [at_ssim([(j2k_ssim[q], j2k_ms[q][r]) for q in PARITY_J2K], neural_ssim) for r in range(rounds)]
+    out = {
         "quality": quality,
         "tiles": n8,
-        "jpeg2000_q34_ms": j2k_ms,
+        "neural_ssim": neural_ssim,
+        "jpeg2000_ssim": {str(q): v for q, v in j2k_ssim.items()},
+        "jpeg2000_q34_ms": j2k_ms[34],
+        "jpeg2000_ms": {str(q): v for q, v in j2k_ms.items()},
         "neural_b8_ms": neural_ms,
         "ratio_median": float(np.median(ratios)),
         "ratio_min": float(min(ratios)),
     }
+    if all(e is not None for e in equal):
+        eq = [n / e for n, e in zip(neural_ms, equal, strict=True) if e is not None]
+        out["jpeg2000_equal_ssim_ms"] = equal
+        out["ratio_equal_ssim_median"] = float(np.median(eq))
+        out["ratio_equal_ssim_min"] = float(min(eq))
+    return out
 
 
 def print_table(result: dict[str, Any]) -> None:
@@ -177,6 +232,25 @@ def print_table(result: dict[str, Any]) -> None:
             f"neural q{parity['quality']} batch of 8 / JPEG 2000 q34 = {parity['ratio_median']:.2f}x "
             f"(median of the rounds; best round {parity['ratio_min']:.2f}x)"
         )
+        if "ratio_equal_ssim_median" in parity:
+            print(
+                f"at equal SSIM ({parity['neural_ssim']:.4f}; JPEG 2000 read off between "
+                f"q{PARITY_J2K[0]}-q{PARITY_J2K[-1]}): "
+                f"{parity['ratio_equal_ssim_median']:.2f}x (best round {parity['ratio_equal_ssim_min']:.2f}x)"
+            )
+    sweep = result.get("jpeg2000_sweep")
+    if sweep:
+        print("\nJPEG 2000 (numthreads=1) decode time against SSIM")
+        for p in sweep:
+            print(f"  q{p['quality']:<4}{p['bpp']:>7.3f} bpp{p['ssim']:>8.4f} SSIM{p['decode_ms']:>7.2f} ms")
+        print("neural decode_b8 (1 thread) against JPEG 2000 at the same SSIM (read off the sweep):")
+        for q, r in result["neural"].items():
+            eq = r.get("jpeg2000_equal_ssim_ms")
+            b8 = r["threads"][1]["decode_ms_b8"]
+            if eq:
+                print(f"  q{q}: SSIM {r['ssim']:.4f}: {b8:.2f} vs {eq:.2f} ms = {b8 / eq:.2f}x")
+            else:
+                print(f"  q{q}: SSIM {r['ssim']:.4f}: outside the sweep")
     print(
         f"\n{'neural':<10}{'bpp':>7}{'PSNR':>7}{'SSIM':>7}{'thr':>5}{'entropy':>9}{'synth b1':>10}"
         f"{'total b1':>10}{'total b8':>10}{'best b':>8}{'total best':>12}{'float synth':>12}"
@@ -219,9 +293,12 @@ def main(argv: list[str] | None = None) -> int:
         "classic": bench_classic(tiles, args.reps),
         "neural": {},
     }
+    result["jpeg2000_sweep"] = bench_jpeg2000_sweep(tiles, args.reps)
     result["parity"] = bench_parity(tiles, args.parity_rounds)
+    j2k_points = [(p["ssim"], p["decode_ms"]) for p in result["jpeg2000_sweep"]]
     for q in args.qualities or available_qualities():
-        result["neural"][str(q)] = bench_neural(q, tiles, args.reps)
+        result["neural"][str(q)] = r = bench_neural(q, tiles, args.reps)
+        r["jpeg2000_equal_ssim_ms"] = at_ssim(j2k_points, r["ssim"])
     if args.retired:
         retired = retired_models()
         result["neural_retired"] = {

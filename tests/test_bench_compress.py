@@ -3,35 +3,19 @@ off a curve, and which tiles the held-out subsets take (the benchmark itself run
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
-from types import ModuleType
 
 import numpy as np
 import pytest
 from PIL import Image
 
-BENCH = Path(__file__).resolve().parents[1] / "bench"
-
-
-def _module(name: str) -> ModuleType:
-    sys.path.insert(0, str(BENCH))
-    try:
-        spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
-        assert spec is not None and spec.loader is not None
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = mod  # dataclasses look their module up there
-        spec.loader.exec_module(mod)
-        return mod
-    finally:
-        sys.path.remove(str(BENCH))
+from tests.bench_modules import bench_module
 
 
 def test_psnr_of_a_set_comes_from_its_mean_squared_error() -> None:
     """A tile recoded almost exactly (JPEG meeting its own quantisation: 148 dB, the cap) must not lift
     the set's PSNR by tens of decibels, as a mean of per-tile PSNRs does."""
-    compress = _module("compress")
+    compress = bench_module("compress")
     assert compress.psnr_of_mean_mse(np.array([30.0, 30.0])) == pytest.approx(30.0)
     # MSEs 65.0 and ~0: the mean MSE halves, +3.01 dB, where the mean of the PSNRs says 89 dB.
     assert compress.psnr_of_mean_mse(np.array([30.0, 148.0])) == pytest.approx(30.0 + 10 * np.log10(2), abs=1e-6)
@@ -43,7 +27,7 @@ def test_ssim_is_pytorch_msssims() -> None:
     import torch
     from pytorch_msssim import ssim
 
-    common = _module("_common")
+    common = bench_module("_common")
     rng = np.random.default_rng(1)
     a = rng.integers(0, 256, (3, 64, 48, 3), dtype=np.uint8)
     b = np.clip(a.astype(int) + rng.integers(-30, 31, a.shape), 0, 255).astype(np.uint8)
@@ -56,7 +40,7 @@ def test_ssim_is_pytorch_msssims() -> None:
 
 
 def test_bpp_at_a_quality_is_read_between_neighbouring_points() -> None:
-    compress = _module("compress")
+    compress = bench_module("compress")
     curve = [{"bpp": 1.0, "ssim": 0.94}, {"bpp": 4.0, "ssim": 0.96}, {"bpp": 0.5, "ssim": 0.90}]
     assert compress.interp_bpp(curve, 0.95) == pytest.approx(2.0)  # log-bpp linear: the geometric mean
     assert compress.interp_bpp(curve, 0.99) is None  # never extrapolated
@@ -64,7 +48,7 @@ def test_bpp_at_a_quality_is_read_between_neighbouring_points() -> None:
 
 def test_load_tiles_can_take_only_named_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """``held_out_all`` takes every tissue tile of the held-out files; the main set at most ``per_patch``."""
-    tiles_mod = _module("_tiles")
+    tiles_mod = bench_module("_tiles")
     patches = tmp_path / "patches" / "tissue"
     patches.mkdir(parents=True)
     rng = np.random.default_rng(0)
@@ -81,8 +65,8 @@ def test_load_tiles_can_take_only_named_files(tmp_path: Path, monkeypatch: pytes
 def test_held_out_is_what_no_training_config_read() -> None:
     """A tile is held out if its file is an evaluation file, if no config's ``sources`` reads its file
     (the Camelyon slide), or if it lies wholly in the rows a config cut off a file's bottom."""
-    compress = _module("compress")
-    tiles = _module("_tiles")
+    compress = bench_module("compress")
+    tiles = bench_module("_tiles")
     held = compress.HeldOut(
         sources=frozenset({"patches/tissue/*", "slides/a.svs"}),
         files=frozenset({"patches/tissue/eval.png"}),
@@ -103,7 +87,7 @@ def test_held_out_is_what_no_training_config_read() -> None:
 
 def test_held_out_follows_the_shipped_configs() -> None:
     """Every shipped config reads the same data; what they leave out is the held-out set."""
-    held = _module("compress").held_out()
+    held = bench_module("compress").held_out()
     assert "slides/CMU-1-Small-Region.svs" in {g for g in held.sources}
     assert dict(held.rows) == {"slides/CMU-1-Small-Region.svs": 512}
     assert "patches/tissue/TissueImageAnalytics+tiatoolbox__target_image.png" in held.files
