@@ -24,7 +24,8 @@ model trained on and what it held out (``HeldOut``: files no training config rea
 Camelyon slide, the configs' evaluation files and the CMU slide's bottom rows).  The main set takes
 at most 12 tiles per slide and 2 per patch file; ``held_out_all`` adds every other held-out tissue
 tile (coded in the same run, in no other subset), since a handful of tiles is few to judge
-generalisation by.
+generalisation by; ``held_out_all_slides`` / ``held_out_all_patches`` against ``trained_on_slides`` /
+``trained_on_patches`` compare the two within each group.
 """
 
 from __future__ import annotations
@@ -271,6 +272,28 @@ def print_table(name: str, table: dict[str, Any]) -> None:
         )
 
 
+def subset_masks(groups: np.ndarray, sourced: np.ndarray, held: np.ndarray, extra: np.ndarray) -> dict[str, np.ndarray]:
+    """The tile subsets reported, as masks over the coded tiles: ``groups`` ("slides" / "patches"),
+    ``sourced`` (the codec that coded each tile's source), ``held`` (held out from training) and
+    ``extra`` (held-out tiles beyond the main set, in ``held_out_all*`` only)."""
+    in_main = ~extra
+    subsets = {"all": in_main, "slides": in_main & (groups == "slides"), "patches": in_main & (groups == "patches")}
+    for codec_name in ("jpeg", "jpeg2000", "unknown"):
+        if (in_main & (sourced == codec_name)).any():
+            subsets[f"{codec_name}_sourced"] = in_main & (sourced == codec_name)
+    if (in_main & held).any():
+        subsets["held_out"] = in_main & held
+        subsets["trained_on"] = in_main & ~held
+    if extra.any():
+        subsets["held_out_all"] = held
+    # Slides and patches apart: whether a held-out gap comes with unseen files or with what a group holds.
+    for group in ("slides", "patches"):
+        if (held & (groups == group)).any() and (in_main & ~held & (groups == group)).any():
+            subsets[f"held_out_all_{group}"] = held & (groups == group)
+            subsets[f"trained_on_{group}"] = in_main & ~held & (groups == group)
+    return subsets
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=RESULTS / "compress.json")
@@ -353,17 +376,7 @@ def main(argv: list[str] | None = None) -> int:
         if "neural-retired" in raw:
             print(f"  neural-retired: done ({time.time() - t_start:.0f} s)")
 
-    main = ~extra
-    subsets = {"all": main, "slides": main & (groups == "slides"), "patches": main & (groups == "patches")}
-    sourced = np.array([t.source_codec for t in tiles])
-    for codec_name in ("jpeg", "jpeg2000", "unknown"):
-        if (main & (sourced == codec_name)).any():
-            subsets[f"{codec_name}_sourced"] = main & (sourced == codec_name)
-    if (main & held_mask).any():
-        subsets["held_out"] = main & held_mask
-        subsets["trained_on"] = main & ~held_mask
-    if extra.any():
-        subsets["held_out_all"] = held_mask
+    subsets = subset_masks(groups, np.array([t.source_codec for t in tiles]), held_mask, extra)
     results: dict[str, Any] = {
         "machine": {"platform": platform.platform(), "python": platform.python_version(), "torch_threads": 1},
         "tiles": {k: int(m.sum()) for k, m in subsets.items()},

@@ -91,3 +91,21 @@ def test_held_out_follows_the_shipped_configs() -> None:
     assert "slides/CMU-1-Small-Region.svs" in {g for g in held.sources}
     assert dict(held.rows) == {"slides/CMU-1-Small-Region.svs": 512}
     assert "patches/tissue/TissueImageAnalytics+tiatoolbox__target_image.png" in held.files
+
+
+def test_held_out_subsets_split_by_group_and_keep_extras_out_of_the_main_set() -> None:
+    compress = bench_module("compress")
+    groups = np.array(["slides", "slides", "patches", "patches", "slides", "patches"])
+    sourced = np.array(["jpeg", "jpeg", "unknown", "jpeg", "jpeg", "unknown"])
+    held = np.array([False, True, False, True, True, True])
+    extra = np.array([False, False, False, False, True, True])  # held-out tiles beyond the main set
+    s = {k: list(np.flatnonzero(v)) for k, v in compress.subset_masks(groups, sourced, held, extra).items()}
+    assert s["all"] == [0, 1, 2, 3]
+    assert s["held_out"] == [1, 3] and s["trained_on"] == [0, 2]
+    assert s["held_out_all"] == [1, 3, 4, 5]
+    assert s["held_out_all_slides"] == [1, 4] and s["held_out_all_patches"] == [3, 5]
+    assert s["trained_on_slides"] == [0] and s["trained_on_patches"] == [2]
+    assert s["jpeg_sourced"] == [0, 1, 3] and "jpeg2000_sourced" not in s
+    # A group with nothing trained on has no within-group comparison.
+    none_trained = compress.subset_masks(groups, sourced, groups == "slides", extra)
+    assert "held_out_all_slides" not in none_trained and "trained_on_slides" not in none_trained
