@@ -16,9 +16,9 @@ separate file, listed under its model's manifest entry, holding a new ``g_a`` an
   any other bitstream of that model, and slides coded with it record the same model.
 
 The add-on's weights are stored in float16, as the shipped analyses are: encoding needs no
-bit-exactness.  q2-q5 have one, trained with the model's objective, a weak MSE term and the rate
-held at the shipped encoder's (``train_encoder.py --hold-rate``): 1-3 % fewer bits at equal SSIM and
-2-4 % at equal PSNR.  The first ones, on SSIM alone, had bought their rate with 0.55-0.8 dB of PSNR;
+bit-exactness.  q1-q5 have one, trained with the model's objective, a weak MSE term and the rate
+held at the shipped encoder's (``train_encoder.py --hold-rate``): 1.6-3.4 % fewer bits at equal SSIM and
+2-6 % at equal PSNR.  The first ones, on SSIM alone, had bought their rate with 0.55-0.8 dB of PSNR;
 the second, with a stronger MSE term, moved q2 past SSIM 0.95 (``docs/training.md``,
 "Encoder add-ons").
 """
