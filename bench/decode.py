@@ -61,22 +61,26 @@ J2K_SWEEP = (30, 32, 34, 35, 36, 37, 38, 40, 42, 44)
 PARITY_J2K = (34, 35, 36, 37)
 
 
+def measure_classic(codec: Any, tiles: np.ndarray, reps: int) -> dict[str, float]:
+    """A classic codec on ``tiles``: mean bpp, PSNR and SSIM, and the median over tiles of the best of
+    ``reps`` single-threaded decodes (ms)."""
+    blobs = [codec.encode(t) for t in tiles]
+    decoded = np.stack([codec.decode(b) for b in blobs])
+    per_tile = [best_of(functools.partial(codec.decode, b), reps) * 1000 for b in blobs]
+    return {
+        "bpp": float(np.mean([len(b) * 8 / (t.shape[0] * t.shape[1]) for b, t in zip(blobs, tiles, strict=True)])),
+        "psnr": float(psnr_batch(tiles, decoded).mean()),
+        "ssim": float(ssim_batch(tiles, decoded).mean()),
+        "decode_ms": float(np.median(per_tile)),
+    }
+
+
 def bench_classic(tiles: np.ndarray, reps: int) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for name, params in CLASSIC:
-        codec = codecs.get(name, **params)
-        blobs = [codec.encode(t) for t in tiles]
-        decoded = np.stack([codec.decode(b) for b in blobs])
-        per_tile = [best_of(functools.partial(codec.decode, b), reps) * 1000 for b in blobs]
         label = name + ("-" + params["subsampling"] if "subsampling" in params else "")
         label += f"-q{params['quality']}" if "quality" in params else f"-d{params['distance']}"
-        out[label] = {
-            "params": params,
-            "bpp": float(np.mean([len(b) * 8 / (t.shape[0] * t.shape[1]) for b, t in zip(blobs, tiles, strict=True)])),
-            "psnr": float(psnr_batch(tiles, decoded).mean()),
-            "ssim": float(ssim_batch(tiles, decoded).mean()),
-            "decode_ms": float(np.median(per_tile)),
-        }
+        out[label] = {"params": params, **measure_classic(codecs.get(name, **params), tiles, reps)}
     return out
 
 
@@ -138,24 +142,9 @@ def bench_neural(q: int, tiles: np.ndarray, reps: int, model_sha: str | None = N
 
 
 def bench_jpeg2000_sweep(tiles: np.ndarray, reps: int) -> list[dict[str, Any]]:
-    """JPEG 2000 (``numthreads=1``) at the qualities of ``J2K_SWEEP``: bpp, SSIM and median decode ms per
-    tile, so that its decode time can be read off at another codec's SSIM (:func:`at_ssim`)."""
-    out = []
-    for q in J2K_SWEEP:
-        codec = codecs.get("jpeg2000", quality=q)
-        blobs = [codec.encode(t) for t in tiles]
-        decoded = np.stack([codec.decode(b) for b in blobs])
-        per_tile = [best_of(functools.partial(codec.decode, b), reps) * 1000 for b in blobs]
-        bits = [len(b) * 8 / (t.shape[0] * t.shape[1]) for b, t in zip(blobs, tiles, strict=True)]
-        out.append(
-            {
-                "quality": q,
-                "bpp": float(np.mean(bits)),
-                "ssim": float(ssim_batch(tiles, decoded).mean()),
-                "decode_ms": float(np.median(per_tile)),
-            }
-        )
-    return out
+    """JPEG 2000 (``numthreads=1``) at the qualities of ``J2K_SWEEP`` (:func:`measure_classic`), so that
+    its decode time can be read off at another codec's SSIM (:func:`at_ssim`)."""
+    return [{"quality": q, **measure_classic(codecs.get("jpeg2000", quality=q), tiles, reps)} for q in J2K_SWEEP]
 
 
 def at_ssim(points: list[tuple[float, float]], ssim: float) -> float | None:
